@@ -1,0 +1,357 @@
+// Step 7 - Tiles and the online softmax; tile skipping vs gathering
+//
+// What this proves:
+//   1. The online softmax (FlashAttention): a row's softmax and output can be built one tile of
+//      keys at a time, keeping only a running max m, a running sum l and an unnormalised output
+//      acc. When a new tile raises the max, the old sums are rescaled by alpha = exp(m_old - m_new):
+//          m_new = max(m, rowmax S)    alpha = exp(m - m_new)    P = exp(S - m_new)
+//          l     = alpha l + rowsum P  acc   = alpha acc + P V   ...   o = acc / l, lse = m + log l
+//      A row that has seen only masked keys has m = -inf and needs a guard (-inf - -inf is NaN).
+//   2. The DMA forward (paper Eq. 5) on Bq x Bk tiles, in three modes that give the same output:
+//          dense   every causal tile, the element mask applied inside
+//          skip    tiles that hold no kept (query, key) pair are left out
+//          gather  each query tile collects its candidate keys (kept by some query of the tile:
+//                  j <= p_last and e_j >= max(j, p_first), at most w + Bq of them, step 3) into a
+//                  compact block and runs the same tile math on it, Bk keys at a time
+//   3. With counters: on random (unstructured) delta, skipping visits nearly every causal tile -
+//      the top w keys of a long prefix are spread over all of it, so almost every key tile holds
+//      one - while gathering cuts the work to about the true density. On structured delta (a
+//      local head) skipping pays too.
+// The counters and outputs are checked against the project's dma::tiled_forward.
+//
+// Shapes (one batch, one head): q, k, v, o (L, D); delta, evict, lse (L); a tile S is (Bq, Bk).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <vector>
+
+#include "dma/mask.hpp"
+#include "dma/reference.hpp"
+#include "dma/tiled.hpp"
+
+namespace {
+
+struct Rng {  // splitmix64: deterministic, so every run prints the same numbers
+  uint64_t state;
+  double uniform() {  // in [-1, 1)
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0;
+  }
+};
+
+const double NEG_INF = -std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: the online softmax on one row, printed tile by tile.
+
+bool online_softmax_demo() {
+  // One query's 12 logits in 3 tiles of 4 (-inf = masked), and a 1-dimensional value per key.
+  const double s[12] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF,  // tile 0: fully masked
+                        0.5,     1.0,     -0.3,    0.2,      // tile 1
+                        2.5,     0.1,     NEG_INF, 1.7};     // tile 2: raises the max
+  const double v[12] = {9, 9, 9, 9, 1, 2, 3, 4, 5, 6, 9, 7};
+  std::printf("Part 1: the online softmax on one row of 12 logits, tiles of 4\n");
+
+  // Two passes, the textbook way: max, then sum and weighted sum.
+  double m_ref = NEG_INF, l_ref = 0, acc_ref = 0;
+  for (double x : s) m_ref = std::fmax(m_ref, x);
+  for (int j = 0; j < 12; j++) {
+    l_ref += std::exp(s[j] - m_ref);
+    acc_ref += std::exp(s[j] - m_ref) * v[j];
+  }
+
+  // One pass over the tiles.
+  double m = NEG_INF, l = 0, acc = 0;
+  bool naive_nan = false;
+  for (int t = 0; t < 3; t++) {
+    double tile_max = NEG_INF;
+    for (int c = 0; c < 4; c++) tile_max = std::fmax(tile_max, s[4 * t + c]);
+    const double m_new = std::fmax(m, tile_max);
+    naive_nan = naive_nan || std::isnan(std::exp(m - m_new));  // what an unguarded kernel computes
+    const double alpha = m_new == NEG_INF ? 1.0 : std::exp(m - m_new);  // the guard
+    double tile_sum = 0, tile_acc = 0;
+    for (int c = 0; c < 4; c++) {
+      const double x = s[4 * t + c];
+      const double p = x == NEG_INF ? 0.0 : std::exp(x - m_new);
+      tile_sum += p;
+      tile_acc += p * v[4 * t + c];
+    }
+    l = alpha * l + tile_sum;
+    acc = alpha * acc + tile_acc;
+    m = m_new;
+    std::printf("  tile %d: tile max %5.2f  m = %5.2f  alpha = %.4f  l = %.4f  acc = %.4f\n", t,
+                tile_max, m, alpha, l, acc);
+  }
+  const double o = acc / l, o_ref = acc_ref / l_ref;
+  const double lse = m + std::log(l), lse_ref = m_ref + std::log(l_ref);
+  std::printf("  online  o = %.15f  lse = %.15f\n  2-pass  o = %.15f  lse = %.15f\n", o, lse,
+              o_ref, lse_ref);
+  std::printf("  without the guard, tile 0 computes alpha = exp(-inf - -inf) = %s\n\n",
+              naive_nan ? "nan (and the nan spreads to the output)" : "a number?");
+  return naive_nan && std::fabs(o - o_ref) < 1e-14 && std::fabs(lse - lse_ref) < 1e-14;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 2: the tiled DMA forward with counters (causal, Lq = Lk = L, so query i sits at p_i = i).
+
+enum class Mode { dense, skip, gather };
+const char* mode_name(Mode m) { return m == Mode::dense ? "dense" : m == Mode::skip ? "skip" : "gather"; }
+
+struct Counters {
+  long tiles_dense = 0;     // tiles a causal-dense kernel visits
+  long tiles_visited = 0;   // tiles (or gathered chunks) that ran tile math
+  long pairs_dense = 0;     // (query, key) pairs in the causal-dense tiles
+  long pairs_computed = 0;  // pairs the tile math ran on
+  long pairs_kept = 0;      // pairs kept by the mask
+};
+
+struct Problem {
+  int L, D, w;
+  std::vector<double> q, k, v, delta;  // (L, D) x3, (L)
+  std::vector<int64_t> evict;          // (L): key j is kept by queries j <= i <= evict[j]
+};
+
+// Eviction positions by their definition (step 3): walk the keys in order of position counting
+// those ranked above j; the w-th one ends j's interval. O(L^2): fine at these sizes (the library
+// does it in O(L log w) with a heap).
+std::vector<int64_t> eviction_positions(const std::vector<double>& delta, int w) {
+  const int L = static_cast<int>(delta.size());
+  std::vector<int64_t> evict(L);
+  for (int j = 0; j < L; j++) {
+    evict[j] = L - 1;
+    int above = 0;
+    for (int t = 0; t < L; t++) {
+      if ((delta[t] > delta[j] || (delta[t] == delta[j] && t > j)) && ++above == w) {
+        evict[j] = t - 1;
+        break;
+      }
+    }
+  }
+  return evict;
+}
+
+struct Output {
+  std::vector<double> o, lse;
+};
+
+Output tiled_forward(const Problem& P, int Bq, int Bk, Mode mode, Counters& c) {
+  const int L = P.L, D = P.D;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  Output out{std::vector<double>(L * D), std::vector<double>(L)};
+  auto kept = [&](int i, int j) { return j <= i && i <= P.evict[j]; };
+
+  for (int i0 = 0; i0 < L; i0 += Bq) {
+    const int rows = std::min(Bq, L - i0), p_first = i0, p_last = i0 + rows - 1;
+
+    // Pass 1: which key blocks this query tile walks.
+    std::vector<std::vector<int>> blocks;
+    for (int k0 = 0; k0 <= p_last; k0 += Bk) {  // the causal-dense tiles
+      const int k_last = std::min(k0 + Bk, L) - 1;
+      c.tiles_dense++;
+      c.pairs_dense += static_cast<long>(rows) * (k_last - k0 + 1);
+      bool has_kept = false;  // does some query of the tile keep some key of this block?
+      for (int j = k0; j <= k_last && !has_kept; j++)
+        has_kept = std::max<int64_t>(j, p_first) <= std::min<int64_t>(P.evict[j], p_last);
+      if (mode == Mode::dense || (mode == Mode::skip && has_kept)) {
+        blocks.emplace_back();
+        for (int j = k0; j <= k_last; j++) blocks.back().push_back(j);
+      }
+    }
+    if (mode == Mode::gather) {
+      std::vector<int> candidates;  // kept by some query in [p_first, p_last]
+      for (int j = 0; j <= p_last; j++)
+        if (P.evict[j] >= std::max(j, p_first)) candidates.push_back(j);
+      for (size_t n = 0; n < candidates.size(); n += Bk)
+        blocks.emplace_back(candidates.begin() + n,
+                            candidates.begin() + std::min(candidates.size(), n + Bk));
+    }
+
+    // Pass 2: the online softmax over those blocks (m, l, acc per row of the query tile).
+    std::vector<double> m(rows, NEG_INF), l(rows, 0.0), acc(rows * D, 0.0);
+    for (const std::vector<int>& blk : blocks) {
+      c.tiles_visited++;
+      c.pairs_computed += static_cast<long>(rows) * static_cast<long>(blk.size());
+      for (int r = 0; r < rows; r++) {
+        const int i = i0 + r;
+        // S = scale * Q_i K_blk^T + delta_blk, -inf where not kept
+        std::vector<double> S(blk.size());
+        double tile_max = NEG_INF;
+        for (size_t cc = 0; cc < blk.size(); cc++) {
+          const int j = blk[cc];
+          double dot = 0;
+          for (int d = 0; d < D; d++) dot += P.q[i * D + d] * P.k[j * D + d];
+          S[cc] = kept(i, j) ? scale * dot + P.delta[j] : NEG_INF;
+          c.pairs_kept += kept(i, j);
+          tile_max = std::fmax(tile_max, S[cc]);
+        }
+        const double m_new = std::fmax(m[r], tile_max);
+        const double alpha = m_new == NEG_INF ? 1.0 : std::exp(m[r] - m_new);
+        l[r] *= alpha;
+        for (int d = 0; d < D; d++) acc[r * D + d] *= alpha;
+        for (size_t cc = 0; cc < blk.size(); cc++) {
+          if (S[cc] == NEG_INF) continue;  // p = 0 exactly: nothing to add (step 6)
+          const double p = std::exp(S[cc] - m_new);
+          l[r] += p;
+          for (int d = 0; d < D; d++) acc[r * D + d] += p * P.v[blk[cc] * D + d];
+        }
+        m[r] = m_new;
+      }
+    }
+    // Pass 3: normalise. Every query keeps at least its own key, so l > 0.
+    for (int r = 0; r < rows; r++) {
+      for (int d = 0; d < D; d++) out.o[(i0 + r) * D + d] = acc[r * D + d] / l[r];
+      out.lse[i0 + r] = m[r] + std::log(l[r]);
+    }
+  }
+  return out;
+}
+
+// The plain two-pass masked attention, for checking.
+Output two_pass(const Problem& P) {
+  const int L = P.L, D = P.D;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  Output out{std::vector<double>(L * D, 0.0), std::vector<double>(L)};
+  std::vector<double> s(L);
+  for (int i = 0; i < L; i++) {
+    double m = NEG_INF;
+    for (int j = 0; j <= i; j++) {
+      double dot = 0;
+      for (int d = 0; d < D; d++) dot += P.q[i * D + d] * P.k[j * D + d];
+      s[j] = (i <= P.evict[j]) ? scale * dot + P.delta[j] : NEG_INF;
+      m = std::fmax(m, s[j]);
+    }
+    double l = 0;
+    for (int j = 0; j <= i; j++) l += std::exp(s[j] - m);
+    for (int j = 0; j <= i; j++)
+      for (int d = 0; d < D; d++) out.o[i * D + d] += std::exp(s[j] - m) / l * P.v[j * D + d];
+    out.lse[i] = m + std::log(l);
+  }
+  return out;
+}
+
+double max_diff(const std::vector<double>& x, const std::vector<double>& y) {
+  double m = 0;
+  for (size_t e = 0; e < x.size(); e++) m = std::fmax(m, std::fabs(x[e] - y[e]));
+  return m;
+}
+
+Problem make_problem(int L, int D, int w, uint64_t seed, bool local_head) {
+  Rng rng{seed};
+  Problem P{L, D, w, std::vector<double>(L * D), std::vector<double>(L * D),
+            std::vector<double>(L * D), std::vector<double>(L), {}};
+  for (double& x : P.q) x = rng.uniform();
+  for (double& x : P.k) x = rng.uniform();
+  for (double& x : P.v) x = rng.uniform();
+  for (int j = 0; j < L; j++)  // random delta, or a local head: recent keys ranked higher
+    P.delta[j] = local_head ? 0.05 * j + rng.uniform() : rng.uniform();
+  P.evict = eviction_positions(P.delta, w);
+  return P;
+}
+
+// Runs the three modes, prints the counters, checks the outputs against the two-pass version.
+// Returns the work fractions (pairs computed / causal-dense pairs) of skip and gather.
+bool run_modes(const Problem& P, int Bq, int Bk, double* skip_tiles, double* gather_work,
+               Counters* gather_counters) {
+  const Output ref = two_pass(P);
+  bool ok = true;
+  std::printf("  mode    tiles visited / causal    pairs computed / causal-dense    maxdiff o\n");
+  for (Mode mode : {Mode::dense, Mode::skip, Mode::gather}) {
+    Counters c;
+    const Output out = tiled_forward(P, Bq, Bk, mode, c);
+    const double err = std::max(max_diff(out.o, ref.o), max_diff(out.lse, ref.lse));
+    const double tiles = static_cast<double>(c.tiles_visited) / c.tiles_dense;
+    const double work = static_cast<double>(c.pairs_computed) / c.pairs_dense;
+    std::printf("  %-6s  %6ld / %-6ld = %.3f    %9ld / %-9ld = %.3f     %.1e\n", mode_name(mode),
+                c.tiles_visited, c.tiles_dense, tiles, c.pairs_computed, c.pairs_dense, work, err);
+    if (mode == Mode::skip) *skip_tiles = tiles;
+    if (mode == Mode::gather) {
+      *gather_work = work;
+      *gather_counters = c;
+    }
+    ok = ok && err < 1e-12;
+  }
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  std::printf("Step 7: tiles, the online softmax, and tile skipping vs gathering\n\n");
+  bool ok = online_softmax_demo();
+
+  // Part 2: random delta, the case the fast paths have to face.
+  const int L = 2048, D = 16, w = 128, Bq = 64, Bk = 64;
+  std::printf("Part 2: random delta, L = %d, D = %d, w = %d, tiles Bq = Bk = %d\n", L, D, w, Bq);
+  const Problem random = make_problem(L, D, w, 7, false);
+  double skip_tiles = 0, gather_work = 0;
+  Counters gc;
+  ok = run_modes(random, Bq, Bk, &skip_tiles, &gather_work, &gc) && ok;
+  const double density = static_cast<double>(gc.pairs_kept) / gc.pairs_dense;
+  std::printf("  true density (kept pairs / causal-dense pairs) = %.3f\n", density);
+  std::printf("  Why skip does nothing here: the last query tile keeps the top %d of %d keys, spread\n"
+              "  evenly, so each of its %d key tiles holds about w * Bk / L = %.0f kept keys: none is "
+              "empty.\n  Gathering touches at most w + Bq = %d keys per query tile instead.\n",
+              w, L, L / Bk, static_cast<double>(w) * Bk / L, w + Bq);
+  // "Nearly every causal tile" and "about the true density" (candidates add at most Bq keys per
+  // query tile to the w each query keeps, and the first tiles are dense anyway).
+  ok = ok && skip_tiles > 0.9 && gather_work < 2.0 * density && gather_work < 0.3;
+
+  // Part 3: a local head (delta rises with position): old tiles empty out, skipping pays.
+  std::printf("\nPart 3: structured delta (a local head: delta = 0.05 j + noise), same sizes\n");
+  const Problem local = make_problem(L, D, w, 8, true);
+  double local_skip = 0, local_gather = 0;
+  Counters lc;
+  ok = run_modes(local, Bq, Bk, &local_skip, &local_gather, &lc) && ok;
+  ok = ok && local_skip < 0.3;
+
+  // Part 4: the project's tiled implementation must do exactly the same work and give the same o.
+  dma::Shape shape;
+  shape.Lq = L;
+  shape.Lk = L;
+  shape.D = D;
+  dma::Options opt;
+  opt.window = w;
+  const std::vector<int64_t> lib_evict = dma::evict_positions(shape, w, random.delta);
+  std::printf("\nPart 4: the project's dma::tiled_forward on the random-delta problem\n");
+  std::printf("  dma::evict_positions equals the definition: %s\n",
+              lib_evict == random.evict ? "yes" : "NO");
+  ok = ok && lib_evict == random.evict;
+  const Output ref = two_pass(random);
+  for (dma::TileMode mode : {dma::TileMode::dense, dma::TileMode::skip, dma::TileMode::gather}) {
+    dma::TileConfig tc;
+    tc.Bq = Bq;
+    tc.Bk = Bk;
+    tc.mode = mode;
+    dma::TileCounters lib;
+    const dma::ForwardResult<double> res =
+        dma::tiled_forward(shape, opt, tc, random.q, random.k, random.v, random.delta,
+                           random.evict, &lib);
+    Counters mine;
+    const Mode same_mode = mode == dma::TileMode::dense  ? Mode::dense
+                           : mode == dma::TileMode::skip ? Mode::skip
+                                                         : Mode::gather;
+    tiled_forward(random, Bq, Bk, same_mode, mine);
+    const bool same = lib.tiles_dense == mine.tiles_dense &&
+                      lib.tiles_visited == mine.tiles_visited &&
+                      lib.pairs_computed == mine.pairs_computed &&
+                      lib.pairs_dense == mine.pairs_dense && lib.pairs_kept == mine.pairs_kept;
+    const double err = std::max(max_diff(res.o, ref.o), max_diff(res.lse, ref.lse));
+    std::printf("  %-6s work fraction %.3f (here %.3f), counters identical: %s, maxdiff o %.1e\n",
+                dma::tile_mode_name(mode), lib.work_fraction(),
+                static_cast<double>(mine.pairs_computed) / mine.pairs_dense, same ? "yes" : "NO",
+                err);
+    if (mode == dma::TileMode::gather)
+      std::printf("  gather: largest candidate set %lld keys (bound w + Bq = %d)\n",
+                  static_cast<long long>(lib.max_candidates), w + Bq);
+    ok = ok && same && err < 1e-12 && lib.max_candidates <= w + Bq;
+  }
+
+  std::printf("\n%s\n", ok ? "PASS" : "FAIL");
+  return ok ? 0 : 1;
+}
