@@ -1,0 +1,27 @@
+// Input validation: every check throws dma::Error with a one-line message naming the tensor.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dma/types.hpp"
+
+namespace dma {
+
+// Sizes: every dimension >= 1, Hq % Hkv == 0, Hd in {Hkv, Hq}, causal needs Lq <= Lk.
+void validate_shape(const Shape& s, bool causal);
+// Options: window >= 1, scale finite (0 = default).
+void validate_options(const Shape& s, const Options& opt);
+// A tensor has the numel its shape says.
+template <typename T>
+void validate_numel(const std::vector<T>& t, int64_t expected, const std::string& name);
+// Every element is finite; else "q[0,1,2,3] is nan" (dims give the index layout).
+template <typename T>
+void validate_finite(const std::vector<T>& t, const std::vector<int64_t>& dims,
+                     const std::string& name);
+
+// Formats a flat index as "[i0,i1,...]" under dims.
+std::string format_index(int64_t flat, const std::vector<int64_t>& dims);
+
+}  // namespace dma

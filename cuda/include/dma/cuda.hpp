@@ -1,0 +1,24 @@
+// The CUDA implementation of DMA behind a plain C++ header: no CUDA types here, so dma_run, the
+// inspector, the tutorials and the benchmarks can include it with any C++ compiler.
+#pragma once
+
+#include <string>
+
+#include "dma/pipeline.hpp"
+
+namespace dma::cuda {
+
+// True when a CUDA device can be used; otherwise false and, if given, why ("no CUDA device").
+bool device_available(std::string* reason = nullptr);
+
+// Element type the kernels compute in (always with fp32 accumulation).
+enum class Precision { bf16, fp16 };
+
+// The whole pipeline on the GPU: inputs are rounded to `precision`, delta and every reduction are
+// fp32, outputs are float32. Fills the same fields as dma::run_pipeline (delta, evict, o, lse and,
+// with do, dq dk dv ddelta [dw_dt da]; mask is left empty) and times per phase (GPU events, ms).
+// Throws dma::Error on invalid input, unsupported head dims (the message lists the supported
+// ones), a non-finite delta, or a CUDA error (with the CUDA message).
+Result<float> run_pipeline(const Problem<float>& p, Precision precision = Precision::bf16);
+
+}  // namespace dma::cuda

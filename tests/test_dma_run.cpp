@@ -1,0 +1,217 @@
+// dma_run end to end: the bundle contract of DESIGN.md §4, through the real executable.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "dma/bundle.hpp"
+#include "test_util.hpp"
+
+using namespace dma;
+using namespace dma_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string out, err;
+};
+
+// A scratch folder per test case, removed at the end.
+struct Scratch {
+  fs::path dir;
+  Scratch() {
+    static int counter = 0;
+    dir = fs::temp_directory_path() / ("dma_run_test_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~Scratch() { fs::remove_all(dir); }
+  std::string operator/(const std::string& name) const { return (dir / name).string(); }
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Run dma_run(const Scratch& tmp, const std::string& args) {
+  const std::string cmd = std::string(DMA_RUN_PATH) + " " + args + " >" + (tmp / "stdout.txt") +
+                          " 2>" + (tmp / "stderr.txt");
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(tmp / "stdout.txt"), slurp(tmp / "stderr.txt")};
+}
+
+template <typename T>
+void write_problem(const std::string& dir, const Problem<T>& p) {
+  const Shape& s = p.shape;
+  Bundle b;
+  b.arrays["q"] = make_npy(p.q, {s.B, s.Hq, s.Lq, s.D});
+  b.arrays["k"] = make_npy(p.k, {s.B, s.Hkv, s.Lk, s.D});
+  b.arrays["v"] = make_npy(p.v, {s.B, s.Hkv, s.Lk, s.D});
+  if (p.delta_given()) b.arrays["delta"] = make_npy(p.delta, {s.B, s.Hd, s.Lk});
+  else {
+    b.arrays["w_dt"] = make_npy(p.w_dt, {s.Hd, s.Hkv * s.D});
+    b.arrays["a"] = make_npy(p.a, {s.Hd});
+  }
+  if (p.has_backward()) b.arrays["do"] = make_npy(p.dout, {s.B, s.Hq, s.Lq, s.D});
+  write_bundle(dir, b);
+}
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+const Shape kShape = make_shape(2, 4, 2, 4, 7, 11, 8);  // GQA, Hd = Hq, Lq < Lk
+
+}  // namespace
+
+TEST_SUITE("dma_run") {
+  TEST_CASE("float64 bundle: every output, its shape and dtype, equal to the library") {
+    Scratch tmp;
+    const Problem<double> p = random_problem<double>(kShape, make_options(4), test_seed());
+    write_problem(tmp / "in", p);
+    const Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "out") + " --window 4");
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const Bundle out = read_bundle(tmp / "out");
+    const Result<double> want = run_pipeline(p, Backend::cpu);
+    const Shape& s = kShape;
+    for (const char* name : {"delta", "o", "lse", "dq", "dk", "dv", "ddelta", "dw_dt", "da"})
+      CHECK_MESSAGE(out.arrays.at(name).dtype == DType::f64, name);
+    CHECK(out.arrays.at("evict").dtype == DType::i64);
+    CHECK(out.arrays.at("mask").dtype == DType::u8);
+    CHECK(out.arrays.at("mask").shape == std::vector<int64_t>{s.B, s.Hd, s.Lq, s.Lk});
+    CHECK(out.arrays.at("evict").shape == std::vector<int64_t>{s.B, s.Hd, s.Lk});
+    CHECK(out.arrays.at("dw_dt").shape == std::vector<int64_t>{s.Hd, s.Hkv * s.D});
+    CHECK(npy_to_float<double>(out.arrays.at("o"), "o") == want.fwd.o);
+    CHECK(npy_to_float<double>(out.arrays.at("dv"), "dv") == want.grads.dv);
+    CHECK(npy_to_float<double>(out.arrays.at("da"), "da") == want.da);
+    CHECK(make_npy(want.evict, {s.B, s.Hd, s.Lk}).data == out.arrays.at("evict").data);
+    CHECK(out.has("q"));  // the inputs travel with the outputs
+    CHECK(!fs::exists(tmp / "out.tmp"));
+  }
+
+  TEST_CASE("float32 in, float32 out; the tiled backend agrees with the reference") {
+    Scratch tmp;
+    Problem<float> p = random_problem<float>(kShape, make_options(3, false, Form::linear), test_seed() + 1);
+    write_problem(tmp / "in", p);
+    REQUIRE(dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "cpu") + " --window 3 --non-causal --form linear").code == 0);
+    const Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "tiled") +
+                                   " --window 3 --non-causal --form linear --backend tiled --tile-q 4 --tile-k 4");
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const Bundle a = read_bundle(tmp / "cpu"), b = read_bundle(tmp / "tiled");
+    CHECK(a.arrays.at("o").dtype == DType::f32);
+    for (const char* name : {"o", "lse", "dq", "dk", "dv", "ddelta", "dw_dt", "da"})
+      CHECK_MESSAGE(max_rel_error(npy_to_float<double>(b.arrays.at(name), name),
+                                  npy_to_float<double>(a.arrays.at(name), name)) < 1e-5, name);
+    CHECK(a.arrays.at("evict").data == b.arrays.at("evict").data);
+  }
+
+  TEST_CASE("given delta: dw_dt and da are not written, dv is the attention gradient") {
+    Scratch tmp;
+    Problem<double> p = random_problem<double>(kShape, make_options(5), test_seed() + 2);
+    std::mt19937_64 rng(test_seed() + 3);
+    p.delta = randn<double>(rng, kShape.delta_numel());
+    p.w_dt.clear();
+    p.a.clear();
+    write_problem(tmp / "in", p);
+    REQUIRE(dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "out") + " --window 5").code == 0);
+    const Bundle out = read_bundle(tmp / "out");
+    CHECK(!out.has("dw_dt"));
+    CHECK(!out.has("da"));
+    CHECK(npy_to_float<double>(out.arrays.at("delta"), "delta") == p.delta);
+    CHECK(npy_to_float<double>(out.arrays.at("dv"), "dv") == run_pipeline(p, Backend::cpu).grads.dv);
+  }
+
+  TEST_CASE("invalid data: one line naming the tensor, exit 2, no output, an old bundle kept") {
+    Scratch tmp;
+    const Problem<double> good = random_problem<double>(kShape, make_options(4), test_seed() + 4);
+    write_problem(tmp / "in", good);
+    REQUIRE(dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "old") + " --window 4").code == 0);
+    const std::string old_o = slurp(tmp / "old/o.npy");
+
+    Problem<double> p = good;
+    p.k[5] = std::numeric_limits<double>::quiet_NaN();
+    write_problem(tmp / "nan", p);
+    Run r = dma_run(tmp, "--in " + (tmp / "nan") + " --out " + (tmp / "old") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: k[0,0,0,5] is nan (inputs must be finite)\n");
+    CHECK(slurp(tmp / "old/o.npy") == old_o);  // the failed run touched nothing
+
+    r = dma_run(tmp, "--in " + (tmp / "nan") + " --out " + (tmp / "fresh") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(!fs::exists(tmp / "fresh"));
+
+    // shape disagreement across tensors
+    fs::copy(tmp / "in", tmp / "bad_shape");
+    write_npy(tmp / "bad_shape/v.npy", make_npy(std::vector<double>(8 * 11 * 2), {2, 2, 11, 4}));
+    r = dma_run(tmp, "--in " + (tmp / "bad_shape") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("v: shape (2, 2, 11, 4) does not match") != std::string::npos);
+    CHECK(count_lines(r.err) == 1);
+
+    // a missing tensor, a wrong dtype, a window of 0, Hq % Hkv != 0
+    fs::copy(tmp / "in", tmp / "no_q");
+    fs::remove(tmp / "no_q/q.npy");
+    r = dma_run(tmp, "--in " + (tmp / "no_q") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: q: missing from the bundle (q.npy)\n");
+    fs::copy(tmp / "in", tmp / "f32_a");
+    write_npy(tmp / "f32_a/a.npy", make_npy(std::vector<float>(4, 1.f), {4}));
+    r = dma_run(tmp, "--in " + (tmp / "f32_a") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("a: dtype float32 differs from q's float64") != std::string::npos);
+    r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "x") + " --window 0");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: window: w = 0 (must be >= 1)\n");
+    Problem<double> gqa = random_problem<double>(make_shape(1, 3, 2, 2, 4, 4, 4), make_options(2), 1);
+    write_problem(tmp / "gqa", gqa);
+    r = dma_run(tmp, "--in " + (tmp / "gqa") + " --out " + (tmp / "x") + " --window 2");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("Hq = 3 is not a multiple of Hkv = 2") != std::string::npos);
+    CHECK(!fs::exists(tmp / "x"));
+  }
+
+  TEST_CASE("the output folder: refused when it holds other files or cannot be written") {
+    Scratch tmp;
+    write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 5));
+    fs::create_directories(tmp / "precious");
+    std::ofstream(tmp / "precious/notes.txt") << "keep me";
+    Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "precious") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("not empty and not a bundle") != std::string::npos);
+    CHECK(slurp(tmp / "precious/notes.txt") == "keep me");
+    r = dma_run(tmp, "--in " + (tmp / "in") + " --out /nonexistent/dir/out --window 4");
+    CHECK(r.code == 2);
+    CHECK(count_lines(r.err) == 1);
+    r = dma_run(tmp, "--in " + (tmp / "missing") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("not a bundle folder") != std::string::npos);
+    // an empty existing folder is fine, and so is --out equal to --in (inputs are kept)
+    fs::create_directories(tmp / "empty");
+    CHECK(dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "empty") + " --window 4").code == 0);
+    CHECK(dma_run(tmp, "--in " + (tmp / "empty") + " --out " + (tmp / "empty") + " --window 4").code == 0);
+    CHECK(fs::exists(tmp / "empty/q.npy"));
+  }
+
+  TEST_CASE("bad flags: the parser's message and a non-zero exit") {
+    Scratch tmp;
+    CHECK(dma_run(tmp, "--in a --out b").code != 0);                        // no --window
+    CHECK(dma_run(tmp, "--in a --out b --window 4 --form cubic").code != 0);
+    CHECK(dma_run(tmp, "--in a --out b --window four").code != 0);
+    CHECK(dma_run(tmp, "--in a --out b --window 4 --backend tpu").code != 0);
+    CHECK(dma_run(tmp, "--in a --out b --window 4 --scale -1").code == 2);
+    CHECK(dma_run(tmp, "--in a --out b --window 4 --tile-q 0").code != 0);
+  }
+}
