@@ -96,6 +96,7 @@ int main() {
       delta_lin[h * Lk + j] = a[h] * sp;
     }
 
+  std::printf("Passes 1-3: vflat, z = vflat . w_dt[h], and delta in both forms\n");
   std::printf(" key |            vflat             |  head |     z   softplus |  delta exp  delta lin\n");
   for (int j = 0; j < Lk; j++)
     for (int h = 0; h < Hd; h++) {

@@ -155,6 +155,10 @@ int main() {
     }
   }
   auto kept = [&](int i, int j) { return j <= i && i <= evict[j]; };
+  int never_kept = 0;
+  for (int j = 0; j < L; j++) never_kept += evict[j] < j;
+  std::printf("Pass 1: eviction positions e_j; %d of %d keys are never kept (e_j < j)\n\n",
+              never_kept, L);
 
   // Pass 2: the three visiting orders.
   std::vector<std::vector<int>> dense(L), skip(L), gather(L);
