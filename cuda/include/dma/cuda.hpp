@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "dma/pipeline.hpp"
 
@@ -20,5 +21,9 @@ enum class Precision { bf16, fp16 };
 // Throws dma::Error on invalid input, unsupported head dims (the message lists the supported
 // ones), a non-finite delta, or a CUDA error (with the CUDA message).
 Result<float> run_pipeline(const Problem<float>& p, Precision precision = Precision::bf16);
+
+// The values run_pipeline computes with: each element rounded to `precision` (round to nearest
+// even) and back. Tests build their float64 reference from these.
+std::vector<float> round_to_precision(const std::vector<float>& x, Precision precision);
 
 }  // namespace dma::cuda

@@ -1,0 +1,291 @@
+// DMA backward (paper Eqs. 7-10) on the gathered candidate keys, query-tile major.
+//
+// Forward gathering bounds the work of a query tile by w + Bq keys; the backward keeps that bound
+// by walking the same tiles in the same way (a key-major walk would have to visit every query
+// tile that any key of the key tile reaches, which for unstructured delta is most of them).
+// So dq is owned by the block and stays in registers, while dk, dv and ddelta of a gathered key
+// receive one fp32 atomic add per query tile that reaches it (GQA heads add into the same kv row).
+//
+// Per tile of kBk gathered keys, for the block's kBq queries (FlashAttention-2 backward):
+//   S  = Q K_j^T,  P = 2^(log2e*(scale*S + delta_j) - log2e*lse), 0 where not kept
+//   dP = dO V_j^T, dS = P * (dP - D_i)                       D_i = do_i . o_i (preprocess kernel)
+//   dQ += dS K_j                                              (registers, 16 rows x D per warp)
+//   dV_j += P^T dO,  dK_j += scale * dS^T Q                   (P, dS staged in shared memory as
+//                                                              the transposed A operand)
+//   ddelta_j += sum_i dS_ij                                    (fp32 column sums, exact zeros
+//                                                              where nothing is kept)
+// At the end dq = scale * dQ.
+#include "gather.cuh"
+#include "kernels.hpp"
+
+namespace dma::cuda::detail {
+namespace {
+
+constexpr int kPStride = kBk + 8;  // P and dS tiles [kBq][kBk+8]
+
+template <int D>
+constexpr size_t backward_smem_bytes() {
+  return sizeof(uint16_t) * ((2 * kBq + 2 * kBk) * (D + 8) + 2 * kBq * kPStride) +
+         sizeof(CandidateRing) + sizeof(float) * (4 * kBk + 2 * kBq);
+}
+
+// D_i = sum_d do[i,d] * o[i,d]; one warp per row.
+template <typename T>
+__global__ void dsum_kernel(int rows, int D, const T* __restrict__ dout, const float* __restrict__ o,
+                            float* __restrict__ dsum) {
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float acc = 0.0f;
+  for (int c = lane; c < D; c += 32)
+    acc = fmaf(Elem<T>::to_float(dout[(size_t)row * D + c]), o[(size_t)row * D + c], acc);
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) dsum[row] = acc;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) {
+  constexpr int kStride = D + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
+  T* dOs = Qs + kBq * kStride;         // [kBq][D+8]
+  T* Ks = dOs + kBq * kStride;         // [kBk][D+8]  gathered K_j
+  T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
+  T* Ps = Vs + kBk * kStride;          // [kBq][kBk+8]
+  T* dSs = Ps + kBq * kPStride;        // [kBq][kBk+8]
+  CandidateRing& ring = *reinterpret_cast<CandidateRing*>(dSs + kBq * kPStride);
+  float* colsum = reinterpret_cast<float*>(&ring + 1);  // [4 warps][kBk]
+  float* lse2_s = colsum + 4 * kBk;                      // [kBq] lse * log2(e), +inf past Lq
+  float* dsum_s = lse2_s + kBq;                          // [kBq] D_i
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int q_tile = gridDim.x - 1 - blockIdx.x;
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
+  const int i0 = q_tile * kBq;
+  const int shift = d.Lk - d.Lq;
+  auto position = [&](int i) { return d.causal ? i + shift : d.Lk - 1; };
+  const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
+
+  const size_t bhq = (size_t)(b * d.Hq + hq), bhk = (size_t)(b * d.Hkv + hk);
+  const T* q_bh = static_cast<const T*>(a.q) + bhq * d.Lq * D;
+  const T* do_bh = static_cast<const T*>(a.dout) + bhq * d.Lq * D;
+  const T* k_bh = static_cast<const T*>(a.k) + bhk * d.Lk * D;
+  const T* v_bh = static_cast<const T*>(a.v) + bhk * d.Lk * D;
+  float* dk_bh = a.dk + bhk * d.Lk * D;
+  float* dv_bh = a.dv + bhk * d.Lk * D;
+  const int bhd = b * d.Hd + hd;
+  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
+  const int* chunk_max_bh = a.chunk_max + (size_t)bhd * d.n_chunks();
+  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
+  float* ddelta_bh = a.ddelta + (size_t)bhd * d.Lk;
+
+  // 1. Q_i, dO_i, lse, D_i, and the first K_j, V_j.
+  load_rows<T, D>(Qs, q_bh, i0, d.Lq);
+  load_rows<T, D>(dOs, do_bh, i0, d.Lq);
+  cp_async_commit();
+  if (tid < kBq) {
+    const int i = i0 + tid;
+    // past Lq: lse = +inf makes P exactly 0, so padded rows add nothing anywhere
+    lse2_s[tid] = i < d.Lq ? a.lse[bhq * d.Lq + i] * kLog2e : INFINITY;
+    dsum_s[tid] = i < d.Lq ? a.dsum[bhq * d.Lq + i] : 0.0f;
+  }
+  Scan sc;
+  ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+  int nt = min(kBk, sc.n);
+  gather_rows<T, D>(Ks, k_bh, ring, sc.head, nt);
+  gather_rows<T, D>(Vs, v_bh, ring, sc.head, nt);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // Q, dO, lse, D_i, K_0, V_0 visible to every warp
+
+  const int row_l[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's rows in the tile
+  const int p_row[2] = {position(i0 + row_l[0]), position(i0 + row_l[1])};
+  const float lse2[2] = {lse2_s[row_l[0]], lse2_s[row_l[1]]};
+  const float dsum[2] = {dsum_s[row_l[0]], dsum_s[row_l[1]]};
+  const float scale2 = d.scale * kLog2e;
+
+  float dq_acc[D / 8][4];
+  #pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.0f;
+
+  while (true) {
+    const int tile_head = sc.head;
+    // 2. S = Q K_j^T and dP = dO V_j^T (16 x 64 per warp each).
+    float s[kBk / 8][4], dp[kBk / 8][4];
+    #pragma unroll
+    for (int n = 0; n < kBk / 8; ++n)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qf[4], dof[4];
+      const int a_off = (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + kk * 16 +
+                        (lane / 16) * 8;
+      ldmatrix_x4(qf, Qs + a_off);
+      ldmatrix_x4(dof, dOs + a_off);
+      #pragma unroll
+      for (int np = 0; np < kBk / 16; ++np) {
+        const int b_off =
+            (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8;
+        uint32_t kb[4], vb[4];
+        ldmatrix_x4(kb, Ks + b_off);
+        ldmatrix_x4(vb, Vs + b_off);
+        mma_16816<T>(s[2 * np], qf, kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qf, kb[2], kb[3]);
+        mma_16816<T>(dp[2 * np], dof, vb[0], vb[1]);
+        mma_16816<T>(dp[2 * np + 1], dof, vb[2], vb[3]);
+      }
+    }
+
+    // 3. P and dS in registers (s and dp are overwritten by them); P, dS to shared memory.
+    #pragma unroll
+    for (int n = 0; n < kBk / 8; ++n) {
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) % kRing;
+        const int j = ring.key[slot], ej = ring.evict[slot];
+        const float d2 = ring.delta2[slot];
+        const bool valid = col < nt;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
+          const float p = kept ? exp2f(fmaf(s[n][2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
+          s[n][2 * r + e] = p;
+          dp[n][2 * r + e] = p * (dp[n][2 * r + e] - dsum[r]);  // dS; exactly 0 where p is 0
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int off = row_l[r] * kPStride + n * 8 + t4 * 2;
+        *reinterpret_cast<uint32_t*>(Ps + off) = Elem<T>::pack(s[n][2 * r], s[n][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dSs + off) = Elem<T>::pack(dp[n][2 * r], dp[n][2 * r + 1]);
+      }
+      // ddelta: column sums of dS in fp32 over this warp's 16 rows (rows g and g+8, then the
+      // 8 row groups of the warp by shuffles)
+      float c0 = dp[n][0] + dp[n][2], c1 = dp[n][1] + dp[n][3];
+      #pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        c0 += __shfl_xor_sync(0xffffffffu, c0, off);
+        c1 += __shfl_xor_sync(0xffffffffu, c1, off);
+      }
+      if (g == 0) {
+        colsum[warp * kBk + n * 8 + t4 * 2] = c0;
+        colsum[warp * kBk + n * 8 + t4 * 2 + 1] = c1;
+      }
+    }
+
+    // 4. dQ += dS K_j (A = dS from registers, B = K_j rows read transposed).
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) {
+      uint32_t af[4];
+      af[0] = Elem<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
+      af[1] = Elem<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
+      af[2] = Elem<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+      af[3] = Elem<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      #pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        uint32_t kb[4];
+        ldmatrix_x4_trans(kb, Ks + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+                                  dd * 16 + (lane / 16) * 8);
+        mma_16816<T>(dq_acc[2 * dd], af, kb[0], kb[1]);
+        mma_16816<T>(dq_acc[2 * dd + 1], af, kb[2], kb[3]);
+      }
+    }
+    __syncthreads();  // P, dS and the column sums of all four warps are in shared memory
+
+    // 5. ddelta_j += sum over the tile's queries (one atomic per key and tile).
+    if (tid < nt) {
+      const float sum = colsum[tid] + colsum[kBk + tid] + colsum[2 * kBk + tid] + colsum[3 * kBk + tid];
+      atomicAdd(ddelta_bh + ring.key[(tile_head + tid) % kRing], sum);
+    }
+
+    // 6. dV_j = P^T dO and dK_j = scale * dS^T Q: warp w owns keys 16w..16w+15 of the tile,
+    //    summing over all kBq queries (A = P^T / dS^T read transposed from shared memory).
+    const int key_l[2] = {warp * 16 + g, warp * 16 + g + 8};
+    int key_j[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) key_j[r] = key_l[r] < nt ? ring.key[(tile_head + key_l[r]) % kRing] : -1;
+    #pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const T* As = pass == 0 ? Ps : dSs;    // P^T for dV, dS^T for dK
+      const T* Bs = pass == 0 ? dOs : Qs;    // dO for dV, Q for dK
+      float* out_bh = pass == 0 ? dv_bh : dk_bh;
+      const float mult = pass == 0 ? 1.0f : d.scale;
+      float acc[D / 8][4];
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+      #pragma unroll
+      for (int kq = 0; kq < kBq / 16; ++kq) {
+        uint32_t af[4];
+        ldmatrix_x4_trans(af, As + (kq * 16 + (lane % 8) + (lane / 16) * 8) * kPStride + warp * 16 +
+                                  ((lane / 8) % 2) * 8);
+        #pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, Bs + (kq * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+                                    dd * 16 + (lane / 16) * 8);
+          mma_16816<T>(acc[2 * dd], af, bb[0], bb[1]);
+          mma_16816<T>(acc[2 * dd + 1], af, bb[2], bb[3]);
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (key_j[r] < 0) continue;
+        float* out_row = out_bh + (size_t)key_j[r] * D;
+        #pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+          atomicAdd(reinterpret_cast<float2*>(out_row + n * 8 + t4 * 2),
+                    make_float2(acc[n][2 * r] * mult, acc[n][2 * r + 1] * mult));
+      }
+    }
+    __syncthreads();  // every warp is done with K_j, V_j, P, dS and this tile's ring entries
+
+    sc.head = (sc.head + nt) % kRing;
+    sc.n -= nt;
+    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+    if (sc.n == 0) break;
+    nt = min(kBk, sc.n);
+    gather_rows<T, D>(Ks, k_bh, ring, sc.head, nt);
+    gather_rows<T, D>(Vs, v_bh, ring, sc.head, nt);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();  // K_{j+1}, V_{j+1} visible to every warp
+  }
+
+  // 7. dq = scale * dQ (the block owns these rows: plain stores).
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + row_l[r];
+    if (i >= d.Lq) continue;
+    float* dq_row = a.dq + (bhq * d.Lq + i) * D;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(dq_row + n * 8 + t4 * 2) =
+          make_float2(dq_acc[n][2 * r] * d.scale, dq_acc[n][2 * r + 1] * d.scale);
+  }
+}
+
+template <typename T, int D>
+void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  const int rows = d.B * d.Hq * d.Lq;
+  dsum_kernel<T><<<(rows * 32 + 255) / 256, 256, 0, st>>>(rows, D, static_cast<const T*>(a.dout),
+                                                          a.o, const_cast<float*>(a.dsum));
+  DMA_CUDA_CHECK_LAUNCH(dsum_kernel);
+  constexpr size_t smem = backward_smem_bytes<D>();
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
+  backward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  DMA_CUDA_CHECK_LAUNCH(backward_kernel);
+}
+
+}  // namespace
+
+// Needs dk, dv, ddelta zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
+void launch_backward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st) {
+  if (d.D == 64) half ? launch<__half, 64>(d, a, st) : launch<__nv_bfloat16, 64>(d, a, st);
+  else if (d.D == 128) half ? launch<__half, 128>(d, a, st) : launch<__nv_bfloat16, 128>(d, a, st);
+  else throw dma::Error("cuda backward: unsupported head dim " + std::to_string(d.D));
+}
+
+}  // namespace dma::cuda::detail

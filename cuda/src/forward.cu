@@ -1,0 +1,218 @@
+// DMA forward: o = softmax(scale * q k^T + delta, masked) v and lse, with the element mask
+// j <= p_i <= e_j evaluated in registers on the gathered candidate keys of each query tile.
+//
+// One block = one query tile of kBq = 64 queries of one (b, query head); 4 warps, 16 queries each.
+// Per tile of kBk = 64 gathered keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
+//   S   = Q K_j^T                    mma.sync m16n8k16, fp32 accumulators   (16 x 64 per warp)
+//   S2  = log2(e) * (scale * S + delta_j), -inf where not kept (in registers)
+//   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P;  O = 2^(m-m') O + P V_j
+// and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows (gather.cuh),
+// loaded with cp.async: V_j while S is computed, K_{j+1} while P V_j is computed.
+#include "gather.cuh"
+#include "kernels.hpp"
+
+namespace dma::cuda::detail {
+namespace {
+
+template <int D>
+constexpr size_t forward_smem_bytes() {
+  return sizeof(uint16_t) * (kBq + 2 * kBk) * (D + 8) + sizeof(CandidateRing);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
+  constexpr int kStride = D + 8;  // +16 bytes per row: ldmatrix rows land in distinct banks
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
+  T* Ks = Qs + kBq * kStride;          // [kBk][D+8]  gathered K_j
+  T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
+  CandidateRing& ring = *reinterpret_cast<CandidateRing*>(Vs + kBk * kStride);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
+  const int i0 = q_tile * kBq;
+  const int shift = d.Lk - d.Lq;
+  auto position = [&](int i) { return d.causal ? i + shift : d.Lk - 1; };  // p_i
+  const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
+
+  // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
+  const T* q_bh = static_cast<const T*>(a.q) + (size_t)(b * d.Hq + hq) * d.Lq * D;
+  const T* k_bh = static_cast<const T*>(a.k) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
+  const T* v_bh = static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
+  const int bhd = b * d.Hd + hd;
+  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
+  const int* chunk_max_bh = a.chunk_max + (size_t)bhd * d.n_chunks();
+  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
+
+  // 1. Q_i and the first K_j.
+  load_rows<T, D>(Qs, q_bh, i0, d.Lq);
+  cp_async_commit();
+  Scan sc;
+  ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+  gather_rows<T, D>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // Q_i and K_0 are in shared memory for every warp
+
+  // Q fragments stay in registers for the whole loop (A operand, 16 rows x D).
+  uint32_t qf[D / 16][4];
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + kk * 16 +
+                            (lane / 16) * 8);
+
+  float o_acc[D / 8][4];
+  #pragma unroll
+  for (int n = 0; n < D / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.0f;
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  const int p_row[2] = {position(row[0]), position(row[1])};
+  const float scale2 = d.scale * kLog2e;
+
+  while (true) {
+    const int nt = min(kBk, sc.n), tile_head = sc.head;
+    gather_rows<T, D>(Vs, v_bh, ring, tile_head, nt);
+    cp_async_commit();
+    cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
+    __syncthreads();     // ... for every thread's copies
+
+    // 2. S = Q K_j^T (16 x 64 per warp).
+    float s[kBk / 8][4];
+    #pragma unroll
+    for (int n = 0; n < kBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      #pragma unroll
+      for (int np = 0; np < kBk / 16; ++np) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Ks + (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 +
+                            ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[2 * np], qf[kk], kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+      }
+    }
+
+    // 3. Mask in registers and online softmax (base 2).
+    float row_max[2] = {-INFINITY, -INFINITY};
+    #pragma unroll
+    for (int n = 0; n < kBk / 8; ++n) {
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) % kRing;
+        const int j = ring.key[slot], ej = ring.evict[slot];
+        const float d2 = ring.delta2[slot];
+        const bool valid = col < nt;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
+          float& x = s[n][2 * r + e];
+          x = kept ? fmaf(x, scale2, d2) : -INFINITY;
+          row_max[r] = fmaxf(row_max[r], x);
+        }
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // the 4 threads of a quad hold one row between them
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+      const float m_new = fmaxf(m_row[r], row_max[r]);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // row with nothing kept yet
+      const float alpha = exp2f(m_row[r] - m_use);            // 0 when m_row was -inf
+      float sum = 0.0f;
+      #pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] - m_use);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - m_use);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      l_row[r] = l_row[r] * alpha + sum;  // this thread's part of the row; the quad sums at the end
+      m_row[r] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o_acc[n][2 * r] *= alpha;
+        o_acc[n][2 * r + 1] *= alpha;
+      }
+    }
+    // P as A fragments: the C layout of two adjacent n8 tiles is the A layout of one k16 slice.
+    uint32_t pf[kBk / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) {
+      pf[kk][0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pf[kk][1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pf[kk][2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pf[kk][3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+
+    __syncthreads();  // every warp is done with K_j and with this tile's ring entries
+    sc.head = (sc.head + nt) % kRing;
+    sc.n -= nt;
+    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+    const bool more = sc.n > 0;
+    if (more) {
+      gather_rows<T, D>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));  // K_{j+1}, overlaps P V_j
+      cp_async_commit();
+      cp_async_wait<1>();  // V_j has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // V_j is visible to every warp
+
+    // 4. O += P V_j (16 x D per warp).
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) {
+      #pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, Vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+                                  dp * 16 + (lane / 16) * 8);
+        mma_16816<T>(o_acc[2 * dp], pf[kk], vb[0], vb[1]);
+        mma_16816<T>(o_acc[2 * dp + 1], pf[kk], vb[2], vb[3]);
+      }
+    }
+    if (!more) break;
+    __syncthreads();  // every warp is done with V_j before V_{j+1} overwrites it
+  }
+
+  // 5. o = O / l, lse = ln2 * (m + log2 l). Every query keeps >= 1 key, so l > 0 for real rows.
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_row[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (row[r] >= d.Lq) continue;
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+    float* o_row = a.o + ((size_t)(b * d.Hq + hq) * d.Lq + row[r]) * D;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(o_row + n * 8 + t4 * 2) =
+          make_float2(o_acc[n][2 * r] * inv_l, o_acc[n][2 * r + 1] * inv_l);
+    if (t4 == 0)
+      a.lse[(size_t)(b * d.Hq + hq) * d.Lq + row[r]] =
+          l > 0.0f ? (m_row[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+template <typename T, int D>
+void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  constexpr size_t smem = forward_smem_bytes<D>();
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
+  forward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  DMA_CUDA_CHECK_LAUNCH(forward_kernel);
+}
+
+}  // namespace
+
+bool supported_head_dim(int D) { return D == 64 || D == 128; }
+
+void launch_forward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st) {
+  if (d.D == 64) half ? launch<__half, 64>(d, a, st) : launch<__nv_bfloat16, 64>(d, a, st);
+  else if (d.D == 128) half ? launch<__half, 128>(d, a, st) : launch<__nv_bfloat16, 128>(d, a, st);
+  else throw dma::Error("cuda forward: unsupported head dim " + std::to_string(d.D));
+}
+
+}  // namespace dma::cuda::detail

@@ -1,0 +1,105 @@
+// Gathering the candidate keys of a query tile (DESIGN.md §2), shared by forward and backward.
+//
+// A query tile covers positions p_first..p_last. By nesting, the keys any of its queries keeps are
+// the candidates { j <= p_last : e_j >= max(j, p_first) }, at most w + Bq of them. The block scans
+// the keys in chunks of 128 (one key per thread), skips a whole chunk when its largest useful e_j
+// (chunk_max, from the mask build) is below p_first, and compacts the candidates, in increasing
+// order, into a ring buffer in shared memory. The attention kernels take them Bk at a time,
+// gather those rows of K and V into shared memory and run dense tensor-core tile math on them;
+// the element mask j <= p_i <= e_j is then applied in registers.
+#pragma once
+
+#include "common.cuh"
+
+namespace dma::cuda::detail {
+
+constexpr int kThreads = 128;   // 4 warps; also one thread per key of a scanned chunk
+constexpr int kBq = 64;         // queries per block: 16 per warp (one m16 row block)
+constexpr int kBk = 64;         // gathered keys per tile
+constexpr int kRing = 256;      // ring capacity: < 2*kBk pending + one chunk of 128 appended
+
+struct CandidateRing {
+  int key[kRing];       // key index j
+  int evict[kRing];     // e_j
+  float delta2[kRing];  // delta_j * log2(e): logits are kept in base 2
+  int warp_count[2][kThreads / 32];
+};
+
+// Scan state; every thread holds the same values (all updates are block-uniform).
+struct Scan {
+  int pos = 0;      // next key position to scan (a multiple of 128)
+  int head = 0;     // ring index of the first pending candidate
+  int n = 0;        // pending candidates
+  int parity = 0;   // which warp_count row the next chunk uses
+  bool done = false;
+};
+
+// Scans chunks until at least `need` candidates are pending or every key <= p_last was seen.
+// Must be called by all threads of the block (it contains barriers).
+__device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing& ring, int need,
+                                                  int p_first, int p_last,
+                                                  const int* __restrict__ evict_bh,
+                                                  const int* __restrict__ chunk_max_bh,
+                                                  const float* __restrict__ delta_bh) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  while (!sc.done && sc.n < need) {
+    if (sc.pos > p_last) { sc.done = true; break; }
+    if (__ldg(chunk_max_bh + sc.pos / kKeyChunk) >= p_first) {  // else: no key here is useful
+      const int j = sc.pos + tid;
+      int e = -1;
+      bool cand = false;
+      if (j <= p_last) {
+        e = __ldg(evict_bh + j);
+        cand = e >= j && e >= p_first;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, cand);
+      if (lane == 0) ring.warp_count[sc.parity][warp] = __popc(ballot);
+      __syncthreads();  // this chunk's warp counts are visible. (Rows alternate: the row written
+                        // here was last read two chunks ago, before the previous barrier.)
+      int before = 0, total = 0;
+      #pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) {
+        const int c = ring.warp_count[sc.parity][w];
+        before += w < warp ? c : 0;
+        total += c;
+      }
+      if (cand) {
+        const int slot =
+            (sc.head + sc.n + before + __popc(ballot & ((1u << lane) - 1u))) % kRing;
+        ring.key[slot] = j;
+        ring.evict[slot] = e;
+        ring.delta2[slot] = __ldg(delta_bh + j) * kLog2e;
+      }
+      sc.n += total;
+      sc.parity ^= 1;
+    }
+    sc.pos += kKeyChunk;
+  }
+  __syncthreads();  // the ring entries written above are visible to every thread
+}
+
+// Gathers rows ring[head .. head+nt) of src (rows of D elements) into dst [kBk][D+8] with 16-byte
+// asynchronous copies; rows nt..kBk-1 are zero-filled. The caller commits and waits.
+template <typename T, int D>
+__device__ __forceinline__ void gather_rows(T* dst, const T* __restrict__ src,
+                                            const CandidateRing& ring, int head, int nt) {
+  constexpr int kStride = D + 8, kVecs = D / 8;
+  for (int c = threadIdx.x; c < kBk * kVecs; c += kThreads) {
+    const int r = c / kVecs, col = (c % kVecs) * 8;
+    const bool valid = r < nt;
+    const int j = valid ? ring.key[(head + r) % kRing] : 0;
+    cp_async_16(dst + r * kStride + col, src + (size_t)j * D + col, valid);
+  }
+}
+
+// Loads rows i0 .. i0+kBq of a (L, D) matrix into dst [kBq][D+8]; rows past L are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int i0, int L) {
+  constexpr int kStride = D + 8, kVecs = D / 8;
+  for (int c = threadIdx.x; c < kBq * kVecs; c += kThreads) {
+    const int r = c / kVecs, col = (c % kVecs) * 8, i = i0 + r;
+    cp_async_16(dst + r * kStride + col, src + (size_t)min(i, L - 1) * D + col, i < L);
+  }
+}
+
+}  // namespace dma::cuda::detail

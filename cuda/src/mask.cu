@@ -1,0 +1,145 @@
+// The dynamic mask (paper Eq. 4) in eviction-interval form, built in parallel on the GPU.
+//
+// Key j is kept by exactly the query positions p with j <= p <= e_j, where e_j is one less than
+// the position of the w-th key (in order of position, over all Lk keys) that ranks above j, or
+// Lk-1 if fewer than w keys rank above j (DESIGN.md §2, core/include/dma/mask.hpp). The CPU
+// reference finds every e_j with one min-heap sweep; that is sequential. Here every key finds its
+// own e_j independently ("count the keys above me, in order of position, until w"), which is
+// parallel but would cost O(Lk) per key if done naively. Sorted chunks make the count cheap:
+//
+//   pass 1  every (delta, index) pair becomes one sortable 64-bit key (larger = ranks higher);
+//           the keys of each chunk of 1024 positions and of each chunk of 128 positions are
+//           sorted (bitonic sort in shared memory).
+//   pass 2  one thread per key j walks the 1024-chunks in order of position, counting the keys
+//           above its own with a binary search in each sorted chunk (10 steps), until the count
+//           would reach w; inside that chunk it walks the 128-chunks the same way, and inside
+//           that 128-chunk it walks the positions. Cost per key: Lk/1024 * 10 + 8 * 7 + 128
+//           steps at most, instead of Lk.
+//   (same pass) per chunk of 128 keys, the largest e_j of the keys kept somewhere (e_j >= j):
+//           the attention kernels skip a whole chunk when it is below their first position.
+//
+// When w >= Lk nothing is ever evicted: every e_j = Lk-1 and pass 1 is skipped.
+#include "common.cuh"
+#include "kernels.hpp"
+
+namespace dma::cuda::detail {
+namespace {
+
+constexpr int kBig = 1024;           // positions per coarse chunk
+constexpr int kSmall = kKeyChunk;    // positions per fine chunk (128)
+
+// keys (B*Hd, Lk) <- rank_key(delta, j); sorted (B*Hd, n_chunks*C) <- each chunk sorted ascending
+// (padding past Lk is 0, which ranks below every real key). grid (n_chunks, B*Hd), C threads.
+template <int C>
+__global__ void __launch_bounds__(C) sort_chunks_kernel(int Lk, const float* __restrict__ delta,
+                                                        uint64_t* __restrict__ keys,
+                                                        uint64_t* __restrict__ sorted) {
+  __shared__ uint64_t s[C];
+  const int bh = blockIdx.y, tid = threadIdx.x, j = blockIdx.x * C + tid;
+  const uint64_t key = j < Lk ? rank_key(delta[(size_t)bh * Lk + j], j) : 0ull;
+  if (keys != nullptr && j < Lk) keys[(size_t)bh * Lk + j] = key;
+  s[tid] = key;
+  __syncthreads();  // the whole chunk is in shared memory before the sort network starts
+  for (int k = 2; k <= C; k <<= 1) {
+    for (int step = k >> 1; step > 0; step >>= 1) {
+      const int other = tid ^ step;
+      if (other > tid) {
+        const bool ascending = (tid & k) == 0;
+        const uint64_t x = s[tid], y = s[other];
+        if ((x > y) == ascending) { s[tid] = y; s[other] = x; }
+      }
+      __syncthreads();  // each compare-exchange stage reads what the previous stage wrote
+    }
+  }
+  const size_t n_chunks = gridDim.x;
+  sorted[((size_t)bh * n_chunks + blockIdx.x) * C + tid] = s[tid];
+}
+
+// Number of entries of an ascending array of C keys that are larger than `key`.
+template <int C>
+__device__ __forceinline__ int count_above(const uint64_t* __restrict__ s, uint64_t key) {
+  int lo = 0;  // first index with s[index] > key, by binary search
+  #pragma unroll
+  for (int step = C / 2; step > 0; step /= 2)  // lo = min(#entries <= key, C-1)
+    if (__ldg(s + lo + step - 1) <= key) lo += step;
+  lo += __ldg(s + lo) <= key;  // only possible when lo == C-1: all C entries are <= key
+  return C - lo;
+}
+
+// grid (n_small_chunks, B*Hd), 128 threads: evict and chunk_max.
+__global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
+                                                        const uint64_t* __restrict__ keys,
+                                                        const uint64_t* __restrict__ sorted_big,
+                                                        const uint64_t* __restrict__ sorted_small,
+                                                        int* __restrict__ evict,
+                                                        int* __restrict__ chunk_max) {
+  const int bh = blockIdx.y, j = blockIdx.x * kSmall + threadIdx.x;
+  const int n_big = (Lk + kBig - 1) / kBig, n_small = (Lk + kSmall - 1) / kSmall;
+  const uint64_t* keys_bh = keys + (size_t)bh * Lk;
+  int e = -1;
+  if (j < Lk) {
+    const uint64_t key = keys_bh[j];
+    int need = window;  // keys above j still to meet before j is evicted
+    e = Lk - 1;         // unless we meet w of them
+    for (int cb = 0; cb < n_big; ++cb) {
+      const int above = count_above<kBig>(sorted_big + ((size_t)bh * n_big + cb) * kBig, key);
+      if (above < need) { need -= above; continue; }
+      // The w-th key above j is inside coarse chunk cb: refine over its fine chunks.
+      for (int cs = cb * (kBig / kSmall); cs < n_small; ++cs) {
+        const int a2 = count_above<kSmall>(sorted_small + ((size_t)bh * n_small + cs) * kSmall, key);
+        if (a2 < need) { need -= a2; continue; }
+        for (int m = cs * kSmall;; ++m)  // and finally over its positions, in order
+          if (keys_bh[m] > key && --need == 0) { e = m - 1; break; }
+        break;
+      }
+      break;
+    }
+    evict[(size_t)bh * Lk + j] = e;
+    if (e < j) e = -1;  // never kept: does not make its chunk worth visiting
+  }
+  // chunk_max: block-wide max of e over this chunk's keys
+  __shared__ int warp_max[kSmall / 32];
+  for (int off = 16; off > 0; off /= 2) e = max(e, __shfl_xor_sync(0xffffffffu, e, off));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = e;
+  __syncthreads();  // all warp maxima written
+  if (threadIdx.x == 0) {
+    int m = -1;
+    for (int w = 0; w < kSmall / 32; ++w) m = max(m, warp_max[w]);
+    chunk_max[(size_t)bh * n_small + blockIdx.x] = m;
+  }
+}
+
+// w >= Lk: no key is ever evicted.
+__global__ void no_eviction_kernel(int Lk, int n_small, int n_bh, int* __restrict__ evict,
+                                   int* __restrict__ chunk_max) {
+  const size_t n = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (n < (size_t)n_bh * Lk) evict[n] = Lk - 1;
+  if (n < (size_t)n_bh * n_small) chunk_max[n] = Lk - 1;
+}
+
+}  // namespace
+
+// Scratch sizes: keys B*Hd*Lk, sorted B*Hd*(n_big*1024 + n_small*128) 64-bit words.
+void launch_mask(const Dims& d, const float* delta, int* evict, int* chunk_max, uint64_t* keys,
+                 uint64_t* sorted, cudaStream_t st) {
+  const int n_bh = d.B * d.Hd, n_small = d.n_chunks(), n_big = (d.Lk + kBig - 1) / kBig;
+  if (d.window >= d.Lk) {
+    const size_t n = (size_t)n_bh * d.Lk;
+    no_eviction_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(d.Lk, n_small, n_bh, evict,
+                                                                     chunk_max);
+    DMA_CUDA_CHECK_LAUNCH(no_eviction_kernel);
+    return;
+  }
+  uint64_t* sorted_big = sorted;
+  uint64_t* sorted_small = sorted + (size_t)n_bh * n_big * kBig;
+  sort_chunks_kernel<kBig><<<dim3(n_big, n_bh), kBig, 0, st>>>(d.Lk, delta, nullptr, sorted_big);
+  DMA_CUDA_CHECK_LAUNCH(sort_chunks_kernel);
+  sort_chunks_kernel<kSmall><<<dim3(n_small, n_bh), kSmall, 0, st>>>(d.Lk, delta, keys,
+                                                                     sorted_small);
+  DMA_CUDA_CHECK_LAUNCH(sort_chunks_kernel);
+  evict_kernel<<<dim3(n_small, n_bh), kSmall, 0, st>>>(d.Lk, d.window, keys, sorted_big,
+                                                       sorted_small, evict, chunk_max);
+  DMA_CUDA_CHECK_LAUNCH(evict_kernel);
+}
+
+}  // namespace dma::cuda::detail

@@ -1,0 +1,320 @@
+// The CUDA pipeline against the float64 reference (DESIGN.md §5), on fresh random inputs each run.
+//
+// The reference is dma::run_pipeline<double> on the same bf16/fp16-rounded inputs, with the GPU's
+// fp32 delta given to it so the selection can be compared exactly (the top-w choice has no
+// derivative and flips on rounding-level changes near ties). The dynamic-weights backward is then
+// checked against dma::dynamic_weights_backward<double> fed with the reference ddelta.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "dma/cuda.hpp"
+#include "dma/dynamic_weights.hpp"
+#include "dma/mask.hpp"
+#include "dma/pipeline.hpp"
+
+namespace {
+
+using dma::Form;
+using dma::cuda::Precision;
+
+struct Case {
+  int64_t B, Hq, Hkv, Hd, Lq, Lk, D, w;
+  bool causal = true;
+  Form form = Form::exp;
+  Precision prec = Precision::bf16;
+  bool backward = true;
+  bool delta_given = false;  // given delta, quantized to a few values (heavy ties)
+  std::string name() const {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "B=%lld Hq=%lld Hkv=%lld Hd=%lld Lq=%lld Lk=%lld D=%lld w=%lld %s %s %s%s",
+                  (long long)B, (long long)Hq, (long long)Hkv, (long long)Hd, (long long)Lq,
+                  (long long)Lk, (long long)D, (long long)w, causal ? "causal" : "non-causal",
+                  dma::form_name(form), prec == Precision::bf16 ? "bf16" : "fp16",
+                  delta_given ? " given-delta(ties)" : "");
+    return buf;
+  }
+};
+
+uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (uint64_t(rd()) << 32) ^ rd();
+}
+
+std::vector<float> normal(std::mt19937_64& rng, int64_t n, double sd) {
+  std::normal_distribution<float> dist(0.0f, static_cast<float>(sd));
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& e : x) e = dist(rng);
+  return x;
+}
+
+std::vector<double> to_double(const std::vector<float>& x) { return {x.begin(), x.end()}; }
+
+// ||got - ref|| / max(||ref||, floor * sqrt(n)): relative L2 with a small absolute floor for
+// tensors that are zero in exact arithmetic (e.g. dq when w = 1).
+double rel_l2(const std::vector<float>& got, const std::vector<double>& ref, double floor = 1e-4) {
+  REQUIRE(got.size() == ref.size());
+  double num = 0, den = 0;
+  for (size_t n = 0; n < ref.size(); ++n) {
+    num += (got[n] - ref[n]) * (got[n] - ref[n]);
+    den += ref[n] * ref[n];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), floor * std::sqrt(double(ref.size())));
+}
+
+bool all_finite(const std::vector<float>& x) {
+  return std::all_of(x.begin(), x.end(), [](float v) { return std::isfinite(v); });
+}
+
+dma::Problem<float> make_problem(const Case& c, std::mt19937_64& rng) {
+  dma::Problem<float> p;
+  p.shape = {c.B, c.Hq, c.Hkv, c.Hd, c.Lq, c.Lk, c.D};
+  p.opt.window = c.w;
+  p.opt.causal = c.causal;
+  p.opt.form = c.form;
+  const auto& s = p.shape;
+  p.q = dma::cuda::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
+  p.k = dma::cuda::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
+  p.v = dma::cuda::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
+  if (c.delta_given) {
+    std::uniform_int_distribution<int> level(0, 2);
+    p.delta.resize(static_cast<size_t>(s.delta_numel()));
+    for (auto& d : p.delta) d = 0.5f * static_cast<float>(level(rng));
+  } else {
+    p.w_dt = normal(rng, s.w_dt_numel(), 1.0 / std::sqrt(double(s.Hkv * s.D)));
+    std::uniform_real_distribution<float> ua(-1.0f, 1.0f);
+    p.a.resize(static_cast<size_t>(s.Hd));
+    for (auto& a : p.a) a = ua(rng);
+  }
+  if (c.backward) p.dout = dma::cuda::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
+  return p;
+}
+
+// kept_any[b,hd,j]: some query of the problem keeps key j.
+std::vector<char> kept_any(const dma::Shape& s, bool causal, const std::vector<int64_t>& evict) {
+  std::vector<char> out(evict.size(), 0);
+  const int64_t p_lo = dma::query_position(s, causal, 0), p_hi = dma::query_position(s, causal, s.Lq - 1);
+  for (int64_t bh = 0; bh < s.B * s.Hd; ++bh)
+    for (int64_t j = 0; j < s.Lk; ++j) {
+      const int64_t e = evict[bh * s.Lk + j];
+      out[bh * s.Lk + j] = std::max(j, p_lo) <= std::min(e, p_hi);
+    }
+  return out;
+}
+
+void check_case(const Case& c) {
+  const uint64_t seed = fresh_seed();
+  INFO("case: ", c.name(), "  seed: ", seed);
+  std::mt19937_64 rng(seed);
+  const dma::Problem<float> p = make_problem(c, rng);
+  const dma::Shape& s = p.shape;
+
+  const dma::Result<float> r = dma::cuda::run_pipeline(p, c.prec);
+
+  // Every output present and fully written (the pipeline poisons them with NaN first).
+  REQUIRE(r.delta.size() == size_t(s.delta_numel()));
+  REQUIRE(r.evict.size() == size_t(s.delta_numel()));
+  REQUIRE(r.fwd.o.size() == size_t(s.q_numel()));
+  REQUIRE(r.fwd.lse.size() == size_t(s.lse_numel()));
+  CHECK(all_finite(r.delta));
+  CHECK(all_finite(r.fwd.o));
+  CHECK(all_finite(r.fwd.lse));
+  if (c.backward) {
+    CHECK(all_finite(r.grads.dq));
+    CHECK(all_finite(r.grads.dk));
+    CHECK(all_finite(r.grads.dv));
+    CHECK(all_finite(r.grads.ddelta));
+    if (!c.delta_given) {
+      CHECK(all_finite(r.dw_dt));
+      CHECK(all_finite(r.da));
+    }
+  }
+
+  // Forward (delta, mask, o, lse) is bitwise reproducible run to run.
+  {
+    const dma::Result<float> r2 = dma::cuda::run_pipeline(p, c.prec);
+    CHECK(r2.delta == r.delta);
+    CHECK(r2.evict == r.evict);
+    CHECK(std::memcmp(r2.fwd.o.data(), r.fwd.o.data(), r.fwd.o.size() * 4) == 0);
+    CHECK(std::memcmp(r2.fwd.lse.data(), r.fwd.lse.data(), r.fwd.lse.size() * 4) == 0);
+  }
+
+  // delta against float64 on the same inputs.
+  const std::vector<double> v_d = to_double(p.v);
+  std::vector<double> w_dt_d, a_d;
+  if (!c.delta_given) {
+    w_dt_d = to_double(p.w_dt);
+    a_d = to_double(p.a);
+    const std::vector<double> delta_ref = dma::dynamic_weights<double>(s, c.form, v_d, w_dt_d, a_d);
+    CHECK(rel_l2(r.delta, delta_ref) <= 1e-5);
+  } else {
+    CHECK(r.delta == p.delta);
+  }
+
+  // Reference pipeline with the GPU's delta given.
+  dma::Problem<double> pd;
+  pd.shape = s;
+  pd.opt = p.opt;
+  pd.q = to_double(p.q);
+  pd.k = to_double(p.k);
+  pd.v = v_d;
+  pd.delta = to_double(r.delta);
+  if (c.backward) pd.dout = to_double(p.dout);
+  const dma::Result<double> ref = dma::run_pipeline<double>(pd, dma::Backend::cpu);
+
+  CHECK(r.evict == ref.evict);  // the selection, ties included
+  const double err_o = rel_l2(r.fwd.o, ref.fwd.o), err_lse = rel_l2(r.fwd.lse, ref.fwd.lse);
+  INFO("rel L2: o ", err_o, " lse ", err_lse);
+  CHECK(err_o <= 1e-2);
+  CHECK(err_lse <= 1e-2);
+  if (!c.backward) return;
+
+  std::vector<double> dv_ref = ref.grads.dv;
+  dma::DynamicWeightGrads<double> dwg;
+  if (!c.delta_given) {
+    dwg = dma::dynamic_weights_backward<double>(s, c.form, v_d, w_dt_d, a_d, ref.grads.ddelta);
+    for (size_t n = 0; n < dv_ref.size(); ++n) dv_ref[n] += dwg.dv[n];
+  }
+  const double e_dq = rel_l2(r.grads.dq, ref.grads.dq), e_dk = rel_l2(r.grads.dk, ref.grads.dk),
+               e_dv = rel_l2(r.grads.dv, dv_ref),
+               e_dd = rel_l2(r.grads.ddelta, ref.grads.ddelta);
+  INFO("rel L2: dq ", e_dq, " dk ", e_dk, " dv ", e_dv, " ddelta ", e_dd);
+  CHECK(e_dq <= 2e-2);
+  CHECK(e_dk <= 2e-2);
+  CHECK(e_dv <= 2e-2);
+  CHECK(e_dd <= 2e-2);
+
+  // Gradients at masked positions are exactly 0: keys no query keeps get no dk, dv, ddelta.
+  const std::vector<char> kept = kept_any(s, c.causal, r.evict);
+  int64_t zero_violations = 0, unkept_keys = 0;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hd = 0; hd < s.Hd; ++hd)
+      for (int64_t j = 0; j < s.Lk; ++j) {
+        const size_t n = size_t((b * s.Hd + hd) * s.Lk + j);
+        if (!kept[n]) zero_violations += r.grads.ddelta[n] != 0.0f;
+      }
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hk = 0; hk < s.Hkv; ++hk)
+      for (int64_t j = 0; j < s.Lk; ++j) {
+        bool any = false;  // kept through some query head of this kv head's group
+        for (int64_t hq = 0; hq < s.Hq; ++hq)
+          if (s.kv_head(hq) == hk) any = any || kept[size_t((b * s.Hd + s.delta_head(hq)) * s.Lk + j)];
+        if (any) continue;
+        ++unkept_keys;
+        for (int64_t dd = 0; dd < s.D; ++dd) {
+          const size_t n = size_t(((b * s.Hkv + hk) * s.Lk + j) * s.D + dd);
+          zero_violations += (r.grads.dk[n] != 0.0f) + (r.grads.dv[n] != 0.0f);
+        }
+      }
+  INFO("unkept kv rows: ", unkept_keys);
+  CHECK(zero_violations == 0);
+
+  // dw_dt and da sum many terms: judged against the sum of their terms' magnitudes.
+  if (!c.delta_given) {
+    const int64_t HD = s.Hkv * s.D;
+    std::vector<double> mag_w(size_t(s.Hd * HD), 0.0), mag_a(size_t(s.Hd), 0.0);
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t h = 0; h < s.Hd; ++h)
+        for (int64_t j = 0; j < s.Lk; ++j) {
+          double z = 0;
+          for (int64_t col = 0; col < HD; ++col)
+            z += v_d[size_t(((b * s.Hkv + col / s.D) * s.Lk + j) * s.D + col % s.D)] * w_dt_d[size_t(h * HD + col)];
+          const double g = ref.grads.ddelta[size_t((b * s.Hd + h) * s.Lk + j)];
+          const double sp = z > 30 ? z : std::log1p(std::exp(z)), sg = 1 / (1 + std::exp(-z));
+          const double delta = c.form == Form::exp ? std::exp(a_d[size_t(h)] * sp) : a_d[size_t(h)] * sp;
+          const double dz = c.form == Form::exp ? g * delta * a_d[size_t(h)] * sg : g * a_d[size_t(h)] * sg;
+          mag_a[size_t(h)] += std::abs(c.form == Form::exp ? g * delta * sp : g * sp);
+          for (int64_t col = 0; col < HD; ++col)
+            mag_w[size_t(h * HD + col)] +=
+                std::abs(dz * v_d[size_t(((b * s.Hkv + col / s.D) * s.Lk + j) * s.D + col % s.D)]);
+        }
+    double e_w = 0, e_a = 0;
+    for (size_t n = 0; n < mag_w.size(); ++n)
+      e_w = std::max(e_w, std::abs(r.dw_dt[n] - dwg.dw_dt[n]) / std::max(mag_w[n], 1e-12));
+    for (size_t n = 0; n < mag_a.size(); ++n)
+      e_a = std::max(e_a, std::abs(r.da[n] - dwg.da[n]) / std::max(mag_a[n], 1e-12));
+    INFO("dw_dt err/magnitude ", e_w, "  da err/magnitude ", e_a);
+    CHECK(e_w <= 2e-2);
+    CHECK(e_a <= 2e-2);
+  }
+}
+
+}  // namespace
+
+TEST_SUITE("cuda") {
+  TEST_CASE("cuda pipeline matches the float64 reference: small shapes") {
+    // {B, Hq, Hkv, Hd, Lq, Lk, D, w}
+    const Case cases[] = {
+        {1, 2, 1, 1, 200, 200, 64, 32},
+        {2, 4, 2, 2, 130, 300, 128, 50},                                   // GQA, Lq < Lk
+        {1, 4, 2, 4, 257, 257, 64, 1, true, Form::linear},                 // Hd = Hq, w = 1
+        {1, 2, 2, 2, 100, 333, 128, 400},                                  // w >= Lk (dense)
+        {2, 2, 1, 1, 77, 190, 64, 20, false},                              // non-causal
+        {1, 2, 1, 2, 256, 256, 128, 64, true, Form::linear, Precision::fp16},
+        {1, 2, 2, 2, 300, 300, 64, 40, true, Form::exp, Precision::bf16, true, true},  // ties
+        {1, 3, 1, 3, 1, 500, 128, 64},                                     // one query (decode)
+        {1, 2, 2, 2, 65, 129, 64, 129, false},                             // non-causal, w = Lk
+    };
+    for (const Case& c : cases) {
+      SUBCASE(c.name().c_str()) { check_case(c); }
+    }
+  }
+
+  TEST_CASE("cuda pipeline matches the float64 reference: longer sequences") {
+    const Case cases[] = {
+        {1, 2, 1, 1, 1500, 1500, 128, 100},  // several 1024-chunks in the mask build
+        {1, 2, 2, 2, 700, 2100, 64, 300, true, Form::linear},
+    };
+    for (const Case& c : cases) {
+      SUBCASE(c.name().c_str()) { check_case(c); }
+    }
+  }
+
+  TEST_CASE("cuda mask: eviction positions identical to the CPU heap sweep, long sequences") {
+    for (int64_t Lk : {5000, 20000}) {
+      for (int64_t w : {1, 7, 512, 3000, 40000}) {
+        for (bool ties : {false, true}) {
+          Case c{2, 2, 1, 1, 64, Lk, 64, w, true, Form::exp, Precision::bf16, false, ties};
+          const uint64_t seed = fresh_seed();
+          INFO("case: ", c.name(), "  seed: ", seed);
+          std::mt19937_64 rng(seed);
+          const dma::Problem<float> p = make_problem(c, rng);
+          const dma::Result<float> r = dma::cuda::run_pipeline(p, c.prec);
+          const std::vector<int64_t> ref =
+              dma::evict_positions<double>(p.shape, w, to_double(r.delta));
+          CHECK(r.evict == ref);
+          CHECK(all_finite(r.fwd.o));
+        }
+      }
+    }
+  }
+
+  TEST_CASE("cuda sanitizer: tiny cases") {  // small enough for compute-sanitizer
+    const Case cases[] = {
+        {1, 2, 1, 1, 70, 150, 64, 16},
+        {2, 2, 2, 2, 33, 40, 128, 8, false, Form::linear},
+    };
+    for (const Case& c : cases) {
+      SUBCASE(c.name().c_str()) { check_case(c); }
+    }
+  }
+
+  TEST_CASE("cuda errors: unsupported head dim and non-finite delta are dma::Error") {
+    std::mt19937_64 rng(fresh_seed());
+    Case c{1, 1, 1, 1, 16, 16, 32, 4};
+    CHECK_THROWS_AS(dma::cuda::run_pipeline(make_problem(c, rng)), dma::Error);
+    Case c2{1, 1, 1, 1, 16, 16, 64, 4};
+    dma::Problem<float> p = make_problem(c2, rng);
+    for (auto& a : p.a) a = 1e6f;  // exp(a * softplus(z)) overflows
+    for (auto& w : p.w_dt) w = std::abs(w) + 1.0f;
+    for (auto& v : p.v) v = std::abs(v) + 1.0f;
+    CHECK_THROWS_AS(dma::cuda::run_pipeline(p), dma::Error);
+  }
+}
