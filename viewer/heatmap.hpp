@@ -1,0 +1,93 @@
+// Heatmap helpers: max-downsampling, colouring into an RGBA image, and the mapping between screen
+// positions and matrix cells. Pure: no ImGui, no GL, so the tests run them without a context.
+//
+// A heatmap shows an R x C matrix (queries x keys, or rows x head dim). When there are more cells
+// than pixels, blocks of fr x fc cells become one texel holding the block's maximum (for signed
+// data: the value of largest magnitude), so a single kept key or a single large gradient is never
+// averaged away. Cells that carry no value are NaN ("dropped": allowed but not kept); cells beyond
+// a row's last allowed column (j > p_i under the causal rule) are "outside" and drawn grey.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "colormap.hpp"
+
+namespace dma::viewer {
+
+// A row-major matrix of floats that someone else owns. NaN = no value at that cell.
+struct MatrixView {
+  const float* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  int64_t row_stride = 0;  // elements between rows (>= cols)
+  float at(int64_t r, int64_t c) const { return data[r * row_stride + c]; }
+};
+
+// last_allowed[r] is the last column row r may see (-1: none); nullptr means every column.
+// For queries under the causal rule this is p_i = i + (Lk - Lq) (DESIGN.md §1.2).
+std::vector<int64_t> causal_limits(int64_t Lq, int64_t Lk, bool causal);
+
+enum class Reduce { max, max_abs };
+
+enum class CellState : uint8_t { value, dropped, outside };
+
+struct Downsampled {
+  int64_t rows = 0, cols = 0;          // texels
+  int64_t factor_r = 1, factor_c = 1;  // source cells per texel along each axis
+  std::vector<float> values;           // rows*cols; meaningful where state == value
+  std::vector<CellState> state;
+};
+
+// The smallest integer factor that fits n cells into `pixels` texels: ceil(n / pixels), >= 1.
+// Integer factors keep every texel an exact block, and change only at discrete sizes, so a window
+// resize rarely rebuilds a texture.
+int64_t downsample_factor(int64_t n, int64_t pixels);
+
+Downsampled downsample(const MatrixView& m, const int64_t* last_allowed, int64_t factor_r,
+                       int64_t factor_c, Reduce reduce);
+
+// Lowest and highest finite value over allowed cells (0, 0 when there is none).
+struct Range {
+  float lo = 0, hi = 0;
+};
+Range value_range(const MatrixView& m, const int64_t* last_allowed);
+
+struct Image {
+  int width = 0, height = 0;
+  std::vector<Rgba> pixels;  // row-major, top row first
+};
+
+Image colorize(const Downsampled& d, ColorMap map, float lo, float hi);
+
+// Writes an image as PNG (stb_image_write). Returns false and sets *error on failure.
+bool write_png(const std::string& path, const Image& img, std::string* error = nullptr);
+
+// Writes a matrix as CSV, one row per line; NaN cells are written as empty fields.
+bool write_csv(const std::string& path, const MatrixView& m, std::string* error = nullptr);
+
+// ---- screen <-> cell -------------------------------------------------------------------------
+
+struct Rect {
+  float x = 0, y = 0, w = 0, h = 0;
+};
+struct Cell {
+  int64_t row = 0, col = 0;
+  bool operator==(const Cell& o) const { return row == o.row && col == o.col; }
+};
+
+// The cell under the point (mx, my) when a rows x cols matrix is drawn stretched over `r`;
+// nothing when the point is outside. Works in data cells, whatever the texture's resolution.
+std::optional<Cell> cell_at(const Rect& r, int64_t rows, int64_t cols, float mx, float my);
+
+// The screen rectangle of rows [r0, r1) x cols [c0, c1).
+Rect cells_rect(const Rect& r, int64_t rows, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
+                int64_t c1);
+
+// The largest rectangle of aspect cols:rows (square cells) that fits `avail`, centred across
+// and top-aligned.
+// A very narrow matrix (rows x D) is widened to at least a quarter of the space.
+Rect fit_rect(const Rect& avail, int64_t rows, int64_t cols);
+
+}  // namespace dma::viewer

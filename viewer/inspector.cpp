@@ -1,0 +1,172 @@
+// The frame: reads the worker's latest snapshot, lays out the three columns, draws the status
+// bar, and owns the texture cache the panels share.
+#include <imgui.h>
+
+#include <cstdio>
+
+#include "format.hpp"
+#include "panels.hpp"
+
+namespace dma::viewer {
+
+void help_marker(const char* text) {
+  ImGui::SameLine();
+  ImGui::TextDisabled("(?)");
+  if (ImGui::IsItemHovered()) {
+    ImGui::BeginTooltip();
+    ImGui::PushTextWrapPos(ImGui::GetFontSize() * 40.0f);
+    ImGui::TextUnformatted(text);
+    ImGui::PopTextWrapPos();
+    ImGui::EndTooltip();
+  }
+}
+
+ImU32 to_imu32(const Rgba& c, float alpha) {
+  return IM_COL32(c.r, c.g, c.b, static_cast<int>(c.a * alpha));
+}
+
+std::string matrix_key(const InspectorState& st, ViewKind kind, int head) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "v%llu c%p k%d d%d b%d h%d l%d",
+                static_cast<unsigned long long>(st.snap && st.snap->views ? st.snap->views->id : 0),
+                st.snap ? static_cast<const void*>(st.snap->compare.get()) : nullptr,
+                static_cast<int>(kind), static_cast<int>(st.view.diff), st.view.batch, head,
+                st.view.log_scale ? 1 : 0);
+  return buf;
+}
+
+const HeadMatrix& large_matrix(InspectorState& st, int hq) {
+  const std::string key = matrix_key(st, st.view.kind, hq);
+  if (key != st.large_key) {
+    st.large_key = key;
+    st.large = head_matrix(*st.snap->views, st.snap->compare.get(), st.view.kind, st.view.diff,
+                           st.view.batch, hq, st.view.log_scale);
+  }
+  return st.large;
+}
+
+const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
+                                   const std::string& key, int64_t rows, int64_t cols, float px_w,
+                                   float px_h, const std::function<HeadMatrix()>& make) {
+  TextureSlot& t = st.slots[slot];
+  const int64_t fr = downsample_factor(rows, static_cast<int64_t>(px_h));
+  const int64_t fc = downsample_factor(cols, static_cast<int64_t>(px_w));
+  char suffix[48];
+  std::snprintf(suffix, sizeof suffix, " f%lldx%lld", static_cast<long long>(fr),
+                static_cast<long long>(fc));
+  const std::string full_key = key + suffix;
+  if (t.key == full_key) return t;
+  const HeadMatrix m = make();
+  if (!m.valid) {
+    t.key = full_key;
+    t.width = t.height = 0;
+    return t;
+  }
+  const Downsampled d = downsample(m.view(), m.last_allowed, fr, fc, m.reduce);
+  const Image img = colorize(d, m.map, m.range.lo, m.range.hi);
+  t.id = st.textures->upload(t.id, img);
+  t.key = full_key;
+  t.width = img.width;
+  t.height = img.height;
+  t.factor_r = fr;
+  t.factor_c = fc;
+  return t;
+}
+
+void release_textures(InspectorState& st) {
+  for (auto& [name, slot] : st.slots)
+    if (slot.id) st.textures->destroy(slot.id);
+  st.slots.clear();
+}
+
+namespace {
+
+void status_bar(InspectorState& st) {
+  ImGui::TextUnformatted("DMA inspector");
+  ImGui::SameLine();
+  ImGui::TextDisabled("| %s", st.snap ? st.snap->source_label.c_str() : "starting");
+  if (st.snap && st.snap->views) {
+    const Shape& s = st.snap->views->shape;
+    const Options& o = st.snap->views->opt;
+    ImGui::SameLine();
+    ImGui::TextDisabled("| B=%lld Hq=%lld Hkv=%lld Hd=%lld Lq=%lld Lk=%lld D=%lld w=%lld %s %s",
+                        (long long)s.B, (long long)s.Hq, (long long)s.Hkv, (long long)s.Hd,
+                        (long long)s.Lq, (long long)s.Lk, (long long)s.D, (long long)o.window,
+                        o.causal ? "causal" : "non-causal", form_name(o.form));
+  }
+  // The progress of the worker, or the frame rate when idle.
+  const float right = ImGui::GetWindowContentRegionMax().x;
+  ImGui::SameLine(right - 330.0f);
+  if (st.status.busy || !st.status.stage.empty()) {
+    static const char spinner[] = "|/-\\";
+    const char spin = spinner[static_cast<int>(ImGui::GetTime() * 8.0) & 3];
+    char overlay[96];
+    std::snprintf(overlay, sizeof overlay, "%c %s", spin, st.status.stage.c_str());
+    ImGui::ProgressBar(st.status.progress, ImVec2(240.0f, 0.0f), overlay);
+  } else {
+    ImGui::Dummy(ImVec2(240.0f, 0.0f));
+  }
+  ImGui::SameLine();
+  ImGui::TextDisabled("%.0f fps", ImGui::GetIO().Framerate);
+}
+
+}  // namespace
+
+void draw_inspector(InspectorState& st) {
+  st.snap = st.worker->snapshot();
+  st.history = st.worker->history();
+  st.status = st.worker->status();
+  st.view.preview_head = -1;
+  st.view.hover.reset();
+
+  const ImGuiViewport* vp = ImGui::GetMainViewport();
+  ImGui::SetNextWindowPos(vp->WorkPos);
+  ImGui::SetNextWindowSize(vp->WorkSize);
+  const ImGuiWindowFlags host = ImGuiWindowFlags_NoDecoration | ImGuiWindowFlags_NoMove |
+                                ImGuiWindowFlags_NoSavedSettings |
+                                ImGuiWindowFlags_NoBringToFrontOnFocus;
+  ImGui::PushStyleVar(ImGuiStyleVar_WindowRounding, 0.0f);
+  ImGui::Begin("DMA inspector", nullptr, host);
+  ImGui::PopStyleVar();
+  status_bar(st);
+  ImGui::Separator();
+
+  const float left_w = 290.0f, right_w = 480.0f;
+  ImGui::BeginChild("controls", ImVec2(left_w, 0), true);
+  panel_controls(st);
+  ImGui::EndChild();
+  ImGui::SameLine();
+
+  const float centre_w = ImGui::GetContentRegionAvail().x - right_w - ImGui::GetStyle().ItemSpacing.x;
+  ImGui::BeginChild("centre", ImVec2(centre_w, 0), true);
+  if (st.snap && !st.snap->error.empty()) {
+    ImGui::PushStyleColor(ImGuiCol_Text, IM_COL32(255, 110, 90, 255));
+    ImGui::TextWrapped("%s", st.snap->error.c_str());
+    ImGui::PopStyleColor();
+  }
+  if (st.snap && st.snap->views) {
+    panel_head_thumbnails(st);
+    const float bars_h = 150.0f;
+    panel_head_view(st, bars_h);
+    panel_delta_bars(st);
+  } else {
+    ImGui::TextDisabled("computing the first result...");
+  }
+  ImGui::EndChild();
+  ImGui::SameLine();
+
+  ImGui::BeginChild("right", ImVec2(0, 0), true);
+  panel_timings(st);
+  ImGui::Spacing();
+  panel_compare(st);
+  ImGui::Spacing();
+  panel_export(st);
+  ImGui::EndChild();
+
+  ImGui::End();
+
+  // Hand the controls to the worker; it starts a job only when they changed.
+  st.worker->request(st.params);
+}
+
+}  // namespace dma::viewer

@@ -1,0 +1,37 @@
+// The panel groups of the inspector, one file each, all free functions over InspectorState.
+//
+//   panel_controls.cpp  inputs, shape, mask, per-head a, tiles, backends (left column)
+//   panel_heads.cpp     head thumbnails, the large view with overlays, the delta bar plot (centre)
+//   panel_timings.cpp   timings per phase and backend, counters, |CUDA - CPU| summary (right)
+//   panel_export.cpp    PNG at data resolution, window screenshot, CSV (right, below)
+//   inspector.cpp       the frame: layout, status bar, texture cache shared by the panels
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "inspector.hpp"
+
+namespace dma::viewer {
+
+void panel_controls(InspectorState& st);
+void panel_head_thumbnails(InspectorState& st);
+void panel_head_view(InspectorState& st, float bars_height);
+void panel_delta_bars(InspectorState& st);
+void panel_timings(InspectorState& st);
+void panel_compare(InspectorState& st);
+void panel_export(InspectorState& st);
+
+// Shared helpers (inspector.cpp).
+void help_marker(const char* text);  // "(?)" with a tooltip, as in the Dear ImGui demo
+ImU32 to_imu32(const Rgba& c, float alpha = 1.0f);
+// The texture of `slot` for a rows x cols matrix drawn on px_w x px_h pixels, max-downsampled by
+// integer factors; rebuilt from make() only when `key` or the factors change.
+const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
+                                   const std::string& key, int64_t rows, int64_t cols, float px_w,
+                                   float px_h, const std::function<HeadMatrix()>& make);
+std::string matrix_key(const InspectorState& st, ViewKind kind, int head);
+// The large view's matrix for head hq, cached in st.large.
+const HeadMatrix& large_matrix(InspectorState& st, int hq);
+
+}  // namespace dma::viewer
