@@ -50,6 +50,7 @@ struct ViewState {
   std::optional<Cell> hover;   // the large view's cell under the mouse this frame
   std::optional<Cell> pinned;  // clicked cell: keeps the bar plot's query when the mouse leaves
   Rect image_rect;             // where the large view was drawn (the bar plot aligns to it)
+  std::vector<Rect> thumb_rects;  // where each head's thumbnail was drawn (tests, scripting)
   int shown_head() const { return preview_head >= 0 ? preview_head : locked_head; }
 };
 

@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
   app.add_option("--frames", frames, "Render this many frames after the first result, then exit")
       ->check(CLI::Range(1, 100000));
   app.add_option("--screenshot", screenshot, "With --frames: write the last frame as PNG");
-  app.add_option("--size", width, "Window width")->check(CLI::Range(320, 8192));
+  app.add_option("--width", width, "Window width")->check(CLI::Range(320, 8192));
   app.add_option("--height", height, "Window height")->check(CLI::Range(240, 8192));
   app.add_option("--assets", assets_dir, "Folder holding example/ (default: the source tree's)");
   CLI11_PARSE(app, argc, argv);

@@ -117,6 +117,7 @@ void panel_head_thumbnails(InspectorState& st) {
   int64_t rows = 0, cols = 0;
   view_dims(s, st.view.kind, st.view.diff, &rows, &cols);
   ImDrawList* dl = ImGui::GetWindowDrawList();
+  st.view.thumb_rects.assign(static_cast<size_t>(n), Rect{});
 
   for (int hq = 0; hq < n; ++hq) {
     if (hq % per_row) ImGui::SameLine();
@@ -128,6 +129,7 @@ void panel_head_thumbnails(InspectorState& st) {
     if (ImGui::IsItemClicked()) st.view.locked_head = hq;
     if (hovered) st.view.preview_head = hq;
 
+    st.view.thumb_rects[hq] = Rect{p.x, p.y, size, size};
     const float inner = size - 4;
     char slot[16];
     std::snprintf(slot, sizeof slot, "thumb%d", hq);

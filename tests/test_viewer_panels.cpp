@@ -1,0 +1,200 @@
+// The real panels in a Dear ImGui context with a fake mouse, no window and no GL: hover a
+// thumbnail to preview, click to lock, hover and pin a cell of the large view, change a control
+// and see the worker recompute, and check that an idle frame uploads no texture.
+#include <doctest/doctest.h>
+#include <imgui.h>
+
+#include <cmath>
+
+#include "inspector.hpp"
+
+using namespace dma::viewer;
+
+namespace {
+
+// Hands out ids and counts uploads; nothing is drawn.
+struct FakeTextures : TextureUploader {
+  int uploads = 0, live = 0;
+  intptr_t next = 1;
+  ImTextureID upload(ImTextureID existing, const Image& img) override {
+    ++uploads;
+    CHECK(img.width > 0);
+    CHECK(img.pixels.size() == static_cast<size_t>(img.width) * img.height);
+    if (existing) return existing;
+    ++live;
+    return reinterpret_cast<ImTextureID>(next++);
+  }
+  void destroy(ImTextureID) override { --live; }
+};
+
+// One ImGui context for a test, with a built font atlas and a 1600 x 1000 display.
+struct Context {
+  Context() {
+    ImGui::CreateContext();
+    ImGuiIO& io = ImGui::GetIO();
+    io.IniFilename = nullptr;
+    io.DisplaySize = ImVec2(1600, 1000);
+    unsigned char* pixels = nullptr;
+    int w = 0, h = 0;
+    io.Fonts->GetTexDataAsRGBA32(&pixels, &w, &h);
+    io.Fonts->SetTexID(reinterpret_cast<ImTextureID>(intptr_t{999}));
+  }
+  ~Context() { ImGui::DestroyContext(); }
+};
+
+// One frame with the mouse at (x, y), the left button down or not.
+void frame(InspectorState& st, float x, float y, bool down = false) {
+  ImGuiIO& io = ImGui::GetIO();
+  io.DeltaTime = 1.0f / 60.0f;
+  io.MousePos = ImVec2(x, y);
+  io.MouseDown[0] = down;
+  ImGui::NewFrame();
+  draw_inspector(st);
+  ImGui::Render();
+}
+
+void click(InspectorState& st, float x, float y) {
+  frame(st, x, y, false);
+  frame(st, x, y, true);
+  frame(st, x, y, false);
+}
+
+ImVec2 centre(const Rect& r) { return ImVec2(r.x + 0.5f * r.w, r.y + 0.5f * r.h); }
+
+}  // namespace
+
+TEST_SUITE("gui") {
+
+TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins - recompute") {
+  Context ctx;
+  FakeTextures textures;
+  Worker worker(nullptr);
+  InspectorState st;
+  st.example = load_bundle_data(DMA_ASSETS_DIR "/example", "built-in example");
+  worker.set_data(st.example, nullptr);
+  st.worker = &worker;
+  st.textures = &textures;
+  st.params.source = Source::example;
+  st.params.window = st.example->window;
+  st.params.a = st.example->a;
+  st.params.run = {true, true, true, true, false};
+  worker.request(st.params);
+  REQUIRE(worker.wait_idle(120));
+
+  frame(st, -1000, -1000);
+  frame(st, -1000, -1000);
+  REQUIRE(st.snap.get() != nullptr);
+  REQUIRE(st.snap->error.empty());
+  REQUIRE(st.snap->views.get() != nullptr);
+  CHECK(st.snap->views->shape.Hq == 4);
+  CHECK(st.snap->runs[1].ran);  // tiled dense was timed
+  CHECK(st.snap->runs[4].note == "not selected");
+  REQUIRE(st.view.thumb_rects.size() == 4);
+  CHECK(st.view.locked_head == 0);
+  CHECK(textures.uploads == 5);  // 4 thumbnails and the large view
+
+  SUBCASE("an idle frame uploads nothing") {
+    frame(st, -1000, -1000);
+    frame(st, -1000, -1000);
+    CHECK(textures.uploads == 5);
+  }
+
+  SUBCASE("hover a thumbnail: preview without locking") {
+    const ImVec2 p = centre(st.view.thumb_rects[2]);
+    frame(st, p.x, p.y);
+    CHECK(st.view.preview_head == 2);
+    CHECK(st.view.shown_head() == 2);
+    CHECK(st.view.locked_head == 0);
+    CHECK(st.large.title == "Probabilities");
+    frame(st, -1000, -1000);  // moving away returns to the locked head
+    CHECK(st.view.shown_head() == 0);
+  }
+
+  SUBCASE("click a thumbnail: lock it") {
+    const ImVec2 p = centre(st.view.thumb_rects[3]);
+    click(st, p.x, p.y);
+    frame(st, -1000, -1000);
+    CHECK(st.view.locked_head == 3);
+    CHECK(st.view.shown_head() == 3);
+  }
+
+  SUBCASE("hover the large view: the cell under the mouse; click pins its query") {
+    const Rect img = st.view.image_rect;
+    REQUIRE(img.w > 100);
+    const dma::Shape& s = st.snap->views->shape;
+    const Rect cell = cells_rect(img, s.Lq, s.Lk, 200, 201, 150, 151);
+    const ImVec2 p = centre(cell);
+    frame(st, p.x, p.y);
+    REQUIRE(st.view.hover.has_value());
+    CHECK(*st.view.hover == Cell{200, 150});
+    click(st, p.x, p.y);
+    REQUIRE(st.view.pinned.has_value());
+    CHECK(*st.view.pinned == Cell{200, 150});
+    frame(st, -1000, -1000);
+    CHECK_FALSE(st.view.hover.has_value());
+    CHECK(st.view.pinned.has_value());  // stays for the bar plot
+  }
+
+  SUBCASE("every view draws for every head") {
+    for (int k = 0; k < kViewKindCount; ++k) {
+      st.view.kind = static_cast<ViewKind>(k);
+      for (int h = 0; h < 4; ++h) {
+        st.view.locked_head = h;
+        frame(st, -1000, -1000);
+        if (st.view.kind == ViewKind::diff) CHECK_FALSE(st.large.valid);  // nothing to compare
+        else CHECK(st.large.valid);
+      }
+    }
+  }
+
+  SUBCASE("a changed control recomputes off the UI thread") {
+    st.params.window = 8;
+    frame(st, -1000, -1000);  // hands the params to the worker
+    REQUIRE(worker.wait_idle(120));
+    frame(st, -1000, -1000);
+    CHECK(st.snap->views->opt.window == 8);
+    // With w = 8 the last query keeps 8 keys.
+    const auto& v = *st.snap->views;
+    int64_t kept = 0;
+    for (int64_t j = 0; j < v.shape.Lk; ++j) kept += v.mask[(v.shape.Lq - 1) * v.shape.Lk + j];
+    CHECK(kept == 8);
+  }
+
+  release_textures(st);
+  CHECK(textures.live == 0);
+}
+
+TEST_CASE("panels: random inputs - non-causal - and a bad shape reports an error") {
+  Context ctx;
+  FakeTextures textures;
+  Worker worker(nullptr);
+  InspectorState st;
+  st.worker = &worker;
+  st.textures = &textures;
+  st.params.source = Source::random;
+  st.params.Lq = 48;
+  st.params.Lk = 96;
+  st.params.Hq = 2;
+  st.params.Hkv = 1;
+  st.params.D = 16;
+  st.params.window = 10;
+  st.params.causal = false;
+  st.params.Bq = st.params.Bk = 16;
+  frame(st, -1000, -1000);
+  REQUIRE(worker.wait_idle(120));
+  frame(st, -1000, -1000);
+  REQUIRE(st.snap.get() != nullptr);
+  CHECK(st.snap->error.empty());
+  const auto& v = *st.snap->views;
+  CHECK(v.last_allowed[0] == 95);  // non-causal: every query sees every key
+  CHECK(st.snap->runs[static_cast<int>(BackendId::tiled_gather)].max_err < 1e-5);
+
+  st.params.window = 0;  // invalid: the worker reports it, the UI keeps going
+  frame(st, -1000, -1000);
+  REQUIRE(worker.wait_idle(120));
+  frame(st, -1000, -1000);
+  CHECK_FALSE(st.snap->error.empty());
+  release_textures(st);
+}
+
+}  // TEST_SUITE

@@ -1,0 +1,364 @@
+// The inspector's pure helpers, without any ImGui context or GL: colour maps, downsampling,
+// hover mapping, tile classification (checked against the counters of dma::tiled_forward) and
+// the little formatters.
+#include <doctest/doctest.h>
+#include <stb_image.h>  // the implementation is in libstb
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <sstream>
+
+#include "colormap.hpp"
+#include "dma/mask.hpp"
+#include "dma/tiled.hpp"
+#include "format.hpp"
+#include "heatmap.hpp"
+#include "tiles.hpp"
+#include "view_data.hpp"
+
+using namespace dma::viewer;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+int luminance(const Rgba& c) { return 299 * c.r + 587 * c.g + 114 * c.b; }
+
+std::vector<float> random_delta(std::mt19937& rng, int64_t n, bool ties) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> d(static_cast<size_t>(n));
+  for (float& x : d) x = ties ? std::round(normal(rng)) : normal(rng);  // ties: few values
+  return d;
+}
+
+}  // namespace
+
+TEST_SUITE("gui") {
+
+TEST_CASE("viridis: matplotlibs end points - rising luminance - clamped") {
+  CHECK(viridis(0.0f) == Rgba{0x44, 0x01, 0x54, 255});
+  CHECK(viridis(0.5f) == Rgba{0x21, 0x91, 0x8c, 255});
+  CHECK(viridis(1.0f) == Rgba{0xfd, 0xe7, 0x25, 255});
+  CHECK(viridis(-3.0f) == viridis(0.0f));
+  CHECK(viridis(7.0f) == viridis(1.0f));
+  CHECK(viridis(kNaN) == viridis(0.0f));
+  for (int i = 1; i <= 100; ++i)
+    CHECK(luminance(viridis(i / 100.0f)) >= luminance(viridis((i - 1) / 100.0f)));
+}
+
+TEST_CASE("diverging: white at 0 - blue below - red above - symmetric luminance") {
+  const Rgba mid = diverging(0.0f);
+  CHECK(mid == Rgba{0xf7, 0xf7, 0xf7, 255});
+  CHECK(diverging(-1.0f).b > diverging(-1.0f).r);
+  CHECK(diverging(1.0f).r > diverging(1.0f).b);
+  CHECK(diverging(kNaN) == mid);
+  for (int i = 1; i <= 10; ++i) {  // darker the further from 0, on both sides
+    CHECK(luminance(diverging(i / 10.0f)) <= luminance(diverging((i - 1) / 10.0f)));
+    CHECK(luminance(diverging(-i / 10.0f)) <= luminance(diverging(-(i - 1) / 10.0f)));
+  }
+  // map_value: the diverging map is symmetric around 0 whatever lo and hi are.
+  CHECK(map_value(ColorMap::diverging, 0.0f, -1.0f, 5.0f) == mid);
+  CHECK(map_value(ColorMap::diverging, 5.0f, -1.0f, 5.0f) == diverging(1.0f));
+  CHECK(map_value(ColorMap::diverging, -5.0f, -1.0f, 5.0f) == diverging(-1.0f));
+  CHECK(map_value(ColorMap::viridis, 3.0f, 2.0f, 4.0f) == viridis(0.5f));
+  CHECK(map_value(ColorMap::viridis, 3.0f, 3.0f, 3.0f) == viridis(0.0f));  // empty range
+}
+
+TEST_CASE("head hues are distinct") {
+  for (int a = 0; a < 16; ++a)
+    for (int b = a + 1; b < 16; ++b) {
+      const Rgba x = head_hue(a, 16), y = head_hue(b, 16);
+      CHECK(std::abs(x.r - y.r) + std::abs(x.g - y.g) + std::abs(x.b - y.b) > 20);
+    }
+}
+
+TEST_CASE("downsample factor: ceil(n / pixels) - at least 1") {
+  CHECK(downsample_factor(256, 512) == 1);
+  CHECK(downsample_factor(512, 512) == 1);
+  CHECK(downsample_factor(513, 512) == 2);
+  CHECK(downsample_factor(2048, 500) == 5);
+  CHECK(downsample_factor(10, 0) == 10);
+}
+
+TEST_CASE("max-downsampling keeps the block maximum - and the sign of the largest magnitude") {
+  // 4 x 6, blocks of 2 x 3.
+  const std::vector<float> m = {0, 1, 0, /**/ 0, 0, 0,   //
+                                0, 0, 0, /**/ 0, -9, 2,  //
+                                5, 0, 0, /**/ 0, 0, 0,   //
+                                0, 0, 7, /**/ 3, 0, 0};
+  const MatrixView v{m.data(), 4, 6, 6};
+  const Downsampled d = downsample(v, nullptr, 2, 3, Reduce::max);
+  REQUIRE(d.rows == 2);
+  REQUIRE(d.cols == 2);
+  CHECK(d.values == std::vector<float>{1, 2, 7, 3});
+  const Downsampled a = downsample(v, nullptr, 2, 3, Reduce::max_abs);
+  CHECK(a.values == std::vector<float>{1, -9, 7, 3});
+  for (CellState s : a.state) CHECK(s == CellState::value);
+
+  // Factor 1 is the identity; sizes that do not divide get a partial last block.
+  const Downsampled same = downsample(v, nullptr, 1, 1, Reduce::max);
+  CHECK(same.values == m);
+  const Downsampled odd = downsample(v, nullptr, 3, 4, Reduce::max);
+  CHECK(odd.rows == 2);
+  CHECK(odd.cols == 2);
+  CHECK(odd.values == std::vector<float>{5, 2, 7, 0});
+}
+
+TEST_CASE("downsampling: a single kept cell is never averaged away") {
+  std::vector<float> m(1000 * 1000, 0.0f);
+  m[617 * 1000 + 421] = 1.0f;
+  const Downsampled d = downsample({m.data(), 1000, 1000, 1000}, nullptr, 7, 9, Reduce::max);
+  CHECK(d.values[(617 / 7) * d.cols + 421 / 9] == 1.0f);
+  int ones = 0;
+  for (float x : d.values) ones += x == 1.0f;
+  CHECK(ones == 1);
+}
+
+TEST_CASE("downsampling: causal region and dropped cells") {
+  // 4 queries x 4 keys, causal: row i sees keys 0..i. NaN = dropped.
+  const std::vector<int64_t> last = causal_limits(4, 4, true);
+  CHECK(last == std::vector<int64_t>{0, 1, 2, 3});
+  CHECK(causal_limits(2, 4, true) == std::vector<int64_t>{2, 3});  // bottom-right aligned
+  CHECK(causal_limits(2, 4, false) == std::vector<int64_t>{3, 3});
+  const std::vector<float> m = {1,    9, 9, 9,  //
+                                kNaN, 2, 9, 9,  //
+                                kNaN, kNaN, 3, 9,  //
+                                kNaN, kNaN, kNaN, 4};
+  const MatrixView v{m.data(), 4, 4, 4};
+  const Downsampled d = downsample(v, last.data(), 1, 1, Reduce::max);
+  CHECK(d.state[1] == CellState::outside);  // j > p_i: the 9s are never read
+  CHECK(d.state[4] == CellState::dropped);
+  CHECK(d.state[5] == CellState::value);
+  const Downsampled b = downsample(v, last.data(), 2, 2, Reduce::max);
+  CHECK(b.state == std::vector<CellState>{CellState::value, CellState::outside, CellState::dropped,
+                                          CellState::value});
+  CHECK(b.values[0] == 2.0f);
+  const Image img = colorize(b, ColorMap::viridis, 0, 4);
+  CHECK(img.width == 2);
+  CHECK(img.pixels[1] == kCausalGrey);
+  CHECK(img.pixels[2] == kDroppedDark);
+  CHECK(img.pixels[3] == viridis(1.0f));
+  const Range r = value_range(v, last.data());
+  CHECK(r.lo == 1.0f);
+  CHECK(r.hi == 4.0f);  // the 9s lie outside the causal region
+}
+
+TEST_CASE("hover mapping: screen point <-> cell - whatever the drawn size") {
+  const Rect r{100, 50, 400, 200};
+  CHECK_FALSE(cell_at(r, 10, 20, 99.9f, 60).has_value());
+  CHECK_FALSE(cell_at(r, 10, 20, 500.0f, 60).has_value());  // right edge is exclusive
+  CHECK_FALSE(cell_at(r, 10, 20, 200, 250.0f).has_value());
+  CHECK(*cell_at(r, 10, 20, 100, 50) == Cell{0, 0});
+  CHECK(*cell_at(r, 10, 20, 499.9f, 249.9f) == Cell{9, 19});
+  CHECK(*cell_at(r, 10, 20, 100 + 20 * 3.5f, 50 + 20 * 7.2f) == Cell{7, 3});
+  // Round trip on many sizes, including more cells than pixels.
+  std::mt19937 rng(7);
+  for (int t = 0; t < 200; ++t) {
+    const int64_t rows = 1 + rng() % 3000, cols = 1 + rng() % 3000;
+    const Rect box{static_cast<float>(rng() % 50), static_cast<float>(rng() % 50),
+                   50.0f + rng() % 900, 50.0f + rng() % 900};
+    const Cell c{static_cast<int64_t>(rng() % rows), static_cast<int64_t>(rng() % cols)};
+    const Rect cr = cells_rect(box, rows, cols, c.row, c.row + 1, c.col, c.col + 1);
+    const auto back = cell_at(box, rows, cols, cr.x + 0.5f * cr.w, cr.y + 0.5f * cr.h);
+    REQUIRE(back.has_value());
+    CHECK(std::llabs(back->row - c.row) <= (rows > 400 ? 1 : 0));  // float rounding at > 1 cell/px
+    CHECK(std::llabs(back->col - c.col) <= (cols > 400 ? 1 : 0));
+  }
+}
+
+TEST_CASE("fit_rect: square cells - inside the space - narrow matrices widened") {
+  const Rect avail{10, 20, 800, 600};
+  const Rect sq = fit_rect(avail, 256, 256);
+  CHECK(sq.w == doctest::Approx(600));
+  CHECK(sq.h == doctest::Approx(600));
+  CHECK(sq.x == doctest::Approx(10 + 100));
+  const Rect wide = fit_rect(avail, 100, 400);
+  CHECK(wide.w == doctest::Approx(800));
+  CHECK(wide.h == doctest::Approx(200));
+  const Rect narrow = fit_rect(avail, 2048, 32);  // Lq x D
+  CHECK(narrow.w >= 200 - 1e-3);
+  CHECK(narrow.h <= 600 + 1e-3);
+}
+
+TEST_CASE("tile classification matches the counters of the tiled implementation") {
+  std::mt19937 rng(12345);
+  struct Case { int64_t Lq, Lk, w, Bq, Bk; bool causal, ties, structured; };
+  const Case cases[] = {{64, 64, 8, 16, 16, true, false, false},
+                        {50, 77, 5, 16, 8, true, true, false},
+                        {77, 77, 100, 32, 32, true, false, false},   // w >= Lk
+                        {40, 96, 1, 8, 16, true, false, true},       // w = 1
+                        {33, 65, 12, 16, 16, false, false, false},   // non-causal
+                        {128, 256, 16, 32, 32, true, false, true}};  // structured: tiles skip
+  for (const Case& c : cases) {
+    CAPTURE(c.Lq);
+    CAPTURE(c.Lk);
+    CAPTURE(c.w);
+    CAPTURE(c.causal);
+    dma::Shape s;
+    s.B = 2; s.Hq = 4; s.Hkv = 2; s.Hd = 2; s.Lq = c.Lq; s.Lk = c.Lk; s.D = 4;
+    dma::Options opt;
+    opt.window = c.w;
+    opt.causal = c.causal;
+    std::vector<float> delta = random_delta(rng, s.delta_numel(), c.ties);
+    if (c.structured)  // a ramp: recent keys rank higher, so old tiles hold no kept key
+      for (int64_t n = 0; n < s.delta_numel(); ++n) delta[n] = static_cast<float>(n % s.Lk);
+    const std::vector<int64_t> evict = dma::evict_positions(s, c.w, delta);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> q(s.q_numel()), k(s.kv_numel()), v(s.kv_numel());
+    for (auto* t : {&q, &k, &v})
+      for (float& x : *t) x = normal(rng);
+
+    // What the viewer draws, summed over (b, hq) as the counters are.
+    int64_t dense = 0, skipped = 0, gathered = 0, max_cand = 0;
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t hq = 0; hq < s.Hq; ++hq) {
+        const int64_t* e = evict.data() + (b * s.Hd + s.delta_head(hq)) * s.Lk;
+        const TileGrid g = classify_tiles(e, s.Lq, s.Lk, c.causal, c.Bq, c.Bk);
+        dense += g.count(TileClass::visited) + g.count(TileClass::skipped);
+        skipped += g.count(TileClass::skipped);
+        for (int64_t qt = 0; qt < g.query_tiles; ++qt) {
+          gathered += g.candidates[qt];
+          max_cand = std::max(max_cand, g.candidates[qt]);
+          const int64_t q0 = qt * c.Bq, q1 = std::min(s.Lq, q0 + c.Bq) - 1;
+          const std::vector<int64_t> keys = gathered_keys(e, s.Lq, s.Lk, c.causal, q0, q1);
+          CHECK(keys == dma::candidate_keys(s, opt, e, q0, q1));
+          CHECK(static_cast<int64_t>(keys.size()) == g.candidates[qt]);
+          CHECK(static_cast<int64_t>(keys.size()) <= c.w + (q1 - q0 + 1));
+          for (int64_t kt = 0; kt < g.key_tiles; ++kt) {
+            const int64_t k0 = kt * c.Bk, k1 = std::min(s.Lk, k0 + c.Bk) - 1;
+            if (g.at(qt, kt) != TileClass::outside)
+              CHECK((g.at(qt, kt) == TileClass::visited) ==
+                    dma::tile_has_kept_key(s, opt, e, q0, q1, k0, k1));
+          }
+        }
+      }
+    for (dma::TileMode mode : {dma::TileMode::dense, dma::TileMode::skip, dma::TileMode::gather}) {
+      dma::TileCounters counters;
+      dma::tiled_forward(s, opt, dma::TileConfig{c.Bq, c.Bk, mode}, q, k, v, delta, evict,
+                         &counters);
+      CHECK(counters.tiles_dense == dense);
+      if (mode == dma::TileMode::skip) CHECK(counters.tiles_skipped == skipped);
+      if (mode == dma::TileMode::gather) {
+        CHECK(counters.keys_gathered == gathered);
+        CHECK(counters.max_candidates == max_cand);
+      }
+    }
+    if (c.structured) CHECK(skipped > 0);
+  }
+}
+
+TEST_CASE("key facts agree with the explicit mask") {
+  std::mt19937 rng(99);
+  for (bool causal : {true, false}) {
+    dma::Shape s;
+    s.Lq = 40; s.Lk = 60; s.Hq = s.Hkv = s.Hd = 1;
+    dma::Options opt;
+    opt.window = 9;
+    opt.causal = causal;
+    const std::vector<float> delta = random_delta(rng, s.Lk, true);  // heavy ties
+    const std::vector<int64_t> evict = dma::evict_positions(s, opt.window, delta);
+    const std::vector<uint8_t> mask = dma::explicit_mask(s, opt, delta);
+    for (int64_t i = 0; i < s.Lq; ++i) {
+      int64_t kept = 0;
+      for (int64_t j = 0; j < s.Lk; ++j) {
+        const KeyFacts f = key_facts(delta.data(), evict.data(), s.Lq, s.Lk, causal, i, j);
+        CHECK(f.kept == (mask[i * s.Lk + j] != 0));
+        if (f.allowed) CHECK((f.rank <= opt.window) == f.kept);  // kept = ranked in the top w
+        if (f.kept) CHECK(delta[j] >= f.threshold);
+        kept += f.kept;
+      }
+      const KeyFacts f = key_facts(delta.data(), evict.data(), s.Lq, s.Lk, causal, i, 0);
+      CHECK(f.kept_keys == kept);
+      CHECK(f.kept_keys == std::min<int64_t>(opt.window, f.allowed_keys));
+    }
+  }
+}
+
+TEST_CASE("head matrices: dropped cells carry no value - ranges are robust") {
+  dma::viewer::Views v;
+  dma::Shape& s = v.shape;
+  s.Lq = 3; s.Lk = 4; s.Hq = s.Hkv = s.Hd = 1; s.D = 2;
+  v.opt.window = 2;
+  v.delta = {1, 5, 3, 4};
+  v.evict = dma::evict_positions(s, 2, v.delta);
+  v.mask = dma::explicit_mask(s, v.opt, v.delta);
+  v.last_allowed = causal_limits(3, 4, true);  // p = 1, 2, 3
+  v.probs.assign(12, 0.0f);
+  v.o = {1, 2, 3, 4, 5, 6};
+  const HeadMatrix m = head_matrix(v, nullptr, ViewKind::delta, DiffTensor::o, 0, 0, false);
+  REQUIRE(m.valid);
+  CHECK(m.map == ColorMap::diverging);
+  CHECK(m.range.lo == -m.range.hi);
+  // Query 0 (p = 1) keeps keys 0 and 1; query 2 (p = 3) keeps keys 1 and 3 (delta 5 and 4).
+  CHECK(m.values[0] == 1.0f);
+  CHECK(std::isnan(m.values[2 * 4 + 0]));
+  CHECK(m.values[2 * 4 + 3] == 4.0f);
+  const HeadMatrix mask = head_matrix(v, nullptr, ViewKind::mask, DiffTensor::o, 0, 0, false);
+  CHECK(mask.values[2 * 4 + 2] == 0.0f);
+  CHECK(mask.range.hi == 1.0f);
+  const HeadMatrix ds = head_matrix(v, nullptr, ViewKind::ds, DiffTensor::o, 0, 0, false);
+  CHECK_FALSE(ds.valid);  // no backward
+  const HeadMatrix diff = head_matrix(v, nullptr, ViewKind::diff, DiffTensor::o, 0, 0, false);
+  CHECK_FALSE(diff.valid);  // nothing to compare
+  dma::viewer::Comparison cmp;
+  cmp.label = "test";
+  cmp.o = {1, 2, 3, 4.5f, 5, 6};
+  const HeadMatrix d2 = head_matrix(v, &cmp, ViewKind::diff, DiffTensor::o, 0, 0, false);
+  REQUIRE(d2.valid);
+  CHECK(d2.rows == 3);
+  CHECK(d2.cols == 2);
+  CHECK(d2.values[3] == doctest::Approx(0.5f));
+  int64_t rows = 0, cols = 0;
+  view_dims(s, ViewKind::diff, DiffTensor::dk, &rows, &cols);
+  CHECK(rows == 4);
+  CHECK(cols == 2);
+}
+
+TEST_CASE("durations in adaptive units") {
+  CHECK(format_duration(0.00085) == "850 ns");
+  CHECK(format_duration(0.0124) == "12.4 us");
+  CHECK(format_duration(3.214) == "3.21 ms");
+  CHECK(format_duration(1520.0) == "1.52 s");
+  CHECK(format_duration(0.99996) == "1.00 ms");  // rounds up into the next unit
+  CHECK(format_duration(-1) == "-");
+  CHECK(format_count(1234567) == "1,234,567");
+  CHECK(format_count(12) == "12");
+  CHECK(format_percent(0.125) == "12.5%");
+  CHECK(format_speedup(3.4217) == "x3.42");
+  CHECK(format_speedup(0) == "-");
+}
+
+TEST_CASE("export: PNG at data resolution and CSV") {
+  const auto dir = std::filesystem::temp_directory_path() / "dma_test_viewer_export";
+  std::filesystem::create_directories(dir);
+  const std::vector<float> m = {0, 0.5f, kNaN, 1, 2, 3};
+  const MatrixView v{m.data(), 2, 3, 3};
+  const Image img = colorize(downsample(v, nullptr, 1, 1, Reduce::max), ColorMap::viridis, 0, 3);
+  const std::string png = (dir / "m.png").string();
+  REQUIRE(write_png(png, img));
+  int w = 0, h = 0, n = 0;
+  unsigned char* px = stbi_load(png.c_str(), &w, &h, &n, 4);
+  REQUIRE(px);
+  CHECK(w == 3);
+  CHECK(h == 2);
+  CHECK(px[0] == 0x44);  // viridis(0)
+  CHECK(px[2 * 4 + 0] == kDroppedDark.r);
+  stbi_image_free(px);
+
+  const std::string csv = (dir / "m.csv").string();
+  REQUIRE(write_csv(csv, v));
+  std::ifstream in(csv);
+  std::stringstream text;
+  text << in.rdbuf();
+  CHECK(text.str() == "0,0.5,\n1,2,3\n");
+  std::string err;
+  CHECK_FALSE(write_csv((dir / "no" / "such" / "dir.csv").string(), v, &err));
+  CHECK(!err.empty());
+  std::filesystem::remove_all(dir);
+}
+
+}  // TEST_SUITE
