@@ -23,10 +23,11 @@ namespace {
 
 constexpr int kPStride = kBk + 8;  // P and dS tiles [kBq][kBk+8]
 
-template <int D>
+template <int D, int kWarps>
 constexpr size_t backward_smem_bytes() {
+  constexpr int kBq = Tiles<kWarps>::kBq;
   return sizeof(uint16_t) * ((2 * kBq + 2 * kBk) * (D + 8) + 2 * kBq * kPStride) +
-         sizeof(CandidateRing) + sizeof(float) * (4 * kBk + 2 * kBq);
+         sizeof(CandidateRing<kWarps>) + sizeof(float) * (kWarps * kBk + 2 * kBq);
 }
 
 // D_i = sum_d do[i,d] * o[i,d]; one warp per row.
@@ -42,9 +43,10 @@ __global__ void dsum_kernel(int rows, int D, const T* __restrict__ dout, const f
   if (lane == 0) dsum[row] = acc;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) {
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs a) {
   constexpr int kStride = D + 8;
+  constexpr int kBq = Tiles<kWarps>::kBq, kRing = Tiles<kWarps>::kRing;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* dOs = Qs + kBq * kStride;         // [kBq][D+8]
@@ -52,9 +54,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
   T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
   T* Ps = Vs + kBk * kStride;          // [kBq][kBk+8]
   T* dSs = Ps + kBq * kPStride;        // [kBq][kBk+8]
-  CandidateRing& ring = *reinterpret_cast<CandidateRing*>(dSs + kBq * kPStride);
-  float* colsum = reinterpret_cast<float*>(&ring + 1);  // [4 warps][kBk]
-  float* lse2_s = colsum + 4 * kBk;                      // [kBq] lse * log2(e), +inf past Lq
+  CandidateRing<kWarps>& ring = *reinterpret_cast<CandidateRing<kWarps>*>(dSs + kBq * kPStride);
+  float* colsum = reinterpret_cast<float*>(&ring + 1);  // [kWarps][kBk]
+  float* lse2_s = colsum + kWarps * kBk;                     // [kBq] lse * log2(e), +inf past Lq
   float* dsum_s = lse2_s + kBq;                          // [kBq] D_i
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
@@ -80,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
   float* ddelta_bh = a.ddelta + (size_t)bhd * d.Lk;
 
   // 1. Q_i, dO_i, lse, D_i, and the first K_j, V_j.
-  load_rows<T, D>(Qs, q_bh, i0, d.Lq);
-  load_rows<T, D>(dOs, do_bh, i0, d.Lq);
+  load_rows<T, D, kWarps>(Qs, q_bh, i0, d.Lq);
+  load_rows<T, D, kWarps>(dOs, do_bh, i0, d.Lq);
   cp_async_commit();
   if (tid < kBq) {
     const int i = i0 + tid;
@@ -92,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
   Scan sc;
   ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
   int nt = min(kBk, sc.n);
-  gather_rows<T, D>(Ks, k_bh, ring, sc.head, nt);
-  gather_rows<T, D>(Vs, v_bh, ring, sc.head, nt);
+  gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, nt);
+  gather_rows<T, D, kWarps>(Vs, v_bh, ring, sc.head, nt);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();  // Q, dO, lse, D_i, K_0, V_0 visible to every warp
@@ -191,22 +193,28 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
         mma_16816<T>(dq_acc[2 * dd + 1], af, kb[2], kb[3]);
       }
     }
-    __syncthreads();  // P, dS and the column sums of all four warps are in shared memory
+    __syncthreads();  // P, dS and the column sums of all warps are in shared memory
 
     // 5. ddelta_j += sum over the tile's queries (one atomic per key and tile).
     if (tid < nt) {
-      const float sum = colsum[tid] + colsum[kBk + tid] + colsum[2 * kBk + tid] + colsum[3 * kBk + tid];
+      float sum = 0.0f;
+      #pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += colsum[w * kBk + tid];
       atomicAdd(ddelta_bh + ring.key[(tile_head + tid) % kRing], sum);
     }
 
-    // 6. dV_j = P^T dO and dK_j = scale * dS^T Q: warp w owns keys 16w..16w+15 of the tile,
-    //    summing over all kBq queries (A = P^T / dS^T read transposed from shared memory).
-    const int key_l[2] = {warp * 16 + g, warp * 16 + g + 8};
+    // 6. dV_j = P^T dO and dK_j = scale * dS^T Q, summed over all kBq queries (A = P^T / dS^T
+    //    read transposed from shared memory). A warp owns 16 keys of the tile: with 4 warps each
+    //    warp does both products for its keys; with 8, warps 0-3 do dV and warps 4-7 dK.
+    const int key_block = warp % 4;
+    const int key_l[2] = {key_block * 16 + g, key_block * 16 + g + 8};
     int key_j[2];
     #pragma unroll
     for (int r = 0; r < 2; ++r) key_j[r] = key_l[r] < nt ? ring.key[(tile_head + key_l[r]) % kRing] : -1;
+    constexpr int kPasses = kWarps == 4 ? 2 : 1;
     #pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
+    for (int pp = 0; pp < kPasses; ++pp) {
+      const int pass = kWarps == 4 ? pp : warp / 4;
       const T* As = pass == 0 ? Ps : dSs;    // P^T for dV, dS^T for dK
       const T* Bs = pass == 0 ? dOs : Qs;    // dO for dV, Q for dK
       float* out_bh = pass == 0 ? dv_bh : dk_bh;
@@ -217,8 +225,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
       #pragma unroll
       for (int kq = 0; kq < kBq / 16; ++kq) {
         uint32_t af[4];
-        ldmatrix_x4_trans(af, As + (kq * 16 + (lane % 8) + (lane / 16) * 8) * kPStride + warp * 16 +
-                                  ((lane / 8) % 2) * 8);
+        ldmatrix_x4_trans(af, As + (kq * 16 + (lane % 8) + (lane / 16) * 8) * kPStride +
+                                  key_block * 16 + ((lane / 8) % 2) * 8);
         #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           uint32_t bb[4];
@@ -245,8 +253,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
     ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
     if (sc.n == 0) break;
     nt = min(kBk, sc.n);
-    gather_rows<T, D>(Ks, k_bh, ring, sc.head, nt);
-    gather_rows<T, D>(Vs, v_bh, ring, sc.head, nt);
+    gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, nt);
+    gather_rows<T, D, kWarps>(Vs, v_bh, ring, sc.head, nt);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();  // K_{j+1}, V_{j+1} visible to every warp
@@ -265,18 +273,24 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Dims d, AttnArgs a) 
   }
 }
 
+template <typename T, int D, int kWarps>
+void launch_warps(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  constexpr size_t smem = backward_smem_bytes<D, kWarps>();
+  constexpr int kBq = Tiles<kWarps>::kBq;
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<T, D, kWarps>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
+  backward_kernel<T, D, kWarps><<<grid, 32 * kWarps, smem, st>>>(d, a);
+  DMA_CUDA_CHECK_LAUNCH(backward_kernel);
+}
 template <typename T, int D>
 void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   const int rows = d.B * d.Hq * d.Lq;
   dsum_kernel<T><<<(rows * 32 + 255) / 256, 256, 0, st>>>(rows, D, static_cast<const T*>(a.dout),
                                                           a.o, const_cast<float*>(a.dsum));
   DMA_CUDA_CHECK_LAUNCH(dsum_kernel);
-  constexpr size_t smem = backward_smem_bytes<D>();
-  DMA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<T, D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
-  backward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
-  DMA_CUDA_CHECK_LAUNCH(backward_kernel);
+  if (block_warps() == 8) launch_warps<T, D, 8>(d, a, st);
+  else launch_warps<T, D, 4>(d, a, st);
 }
 
 }  // namespace

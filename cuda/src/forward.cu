@@ -8,25 +8,28 @@
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P;  O = 2^(m-m') O + P V_j
 // and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows (gather.cuh),
 // loaded with cp.async: V_j while S is computed, K_{j+1} while P V_j is computed.
+#include <cstdlib>
+
 #include "gather.cuh"
 #include "kernels.hpp"
 
 namespace dma::cuda::detail {
 namespace {
 
-template <int D>
+template <int D, int kWarps>
 constexpr size_t forward_smem_bytes() {
-  return sizeof(uint16_t) * (kBq + 2 * kBk) * (D + 8) + sizeof(CandidateRing);
+  return sizeof(uint16_t) * (Tiles<kWarps>::kBq + 2 * kBk) * (D + 8) + sizeof(CandidateRing<kWarps>);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a) {
   constexpr int kStride = D + 8;  // +16 bytes per row: ldmatrix rows land in distinct banks
+  constexpr int kBq = Tiles<kWarps>::kBq, kRing = Tiles<kWarps>::kRing;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* Ks = Qs + kBq * kStride;          // [kBk][D+8]  gathered K_j
   T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
-  CandidateRing& ring = *reinterpret_cast<CandidateRing*>(Vs + kBk * kStride);
+  CandidateRing<kWarps>& ring = *reinterpret_cast<CandidateRing<kWarps>*>(Vs + kBk * kStride);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
@@ -47,11 +50,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
 
   // 1. Q_i and the first K_j.
-  load_rows<T, D>(Qs, q_bh, i0, d.Lq);
+  load_rows<T, D, kWarps>(Qs, q_bh, i0, d.Lq);
   cp_async_commit();
   Scan sc;
   ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-  gather_rows<T, D>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));
+  gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();  // Q_i and K_0 are in shared memory for every warp
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
 
   while (true) {
     const int nt = min(kBk, sc.n), tile_head = sc.head;
-    gather_rows<T, D>(Vs, v_bh, ring, tile_head, nt);
+    gather_rows<T, D, kWarps>(Vs, v_bh, ring, tile_head, nt);
     cp_async_commit();
     cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
     __syncthreads();     // ... for every thread's copies
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
     ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
     const bool more = sc.n > 0;
     if (more) {
-      gather_rows<T, D>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));  // K_{j+1}, overlaps P V_j
+      gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));  // K_{j+1}, overlaps P V_j
       cp_async_commit();
       cp_async_wait<1>();  // V_j has landed
     } else {
@@ -195,19 +198,33 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   }
 }
 
-template <typename T, int D>
-void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  constexpr size_t smem = forward_smem_bytes<D>();
-  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D>,
+template <typename T, int D, int kWarps>
+void launch_warps(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  constexpr size_t smem = forward_smem_bytes<D, kWarps>();
+  constexpr int kBq = Tiles<kWarps>::kBq;
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D, kWarps>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
-  forward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  forward_kernel<T, D, kWarps><<<grid, 32 * kWarps, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(forward_kernel);
+}
+template <typename T, int D>
+void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  if (block_warps() == 8) launch_warps<T, D, 8>(d, a, st);
+  else launch_warps<T, D, 4>(d, a, st);
 }
 
 }  // namespace
 
 bool supported_head_dim(int D) { return D == 64 || D == 128; }
+
+int block_warps() {
+  static const int warps = [] {
+    const char* env = std::getenv("DMA_CUDA_WARPS");
+    return env && std::atoi(env) == 8 ? 8 : (env && std::atoi(env) == 4 ? 4 : kDefaultWarps);
+  }();
+  return warps;
+}
 
 void launch_forward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st) {
   if (d.D == 64) half ? launch<__half, 64>(d, a, st) : launch<__nv_bfloat16, 64>(d, a, st);

@@ -13,16 +13,29 @@
 
 namespace dma::cuda::detail {
 
-constexpr int kThreads = 128;   // 4 warps; also one thread per key of a scanned chunk
-constexpr int kBq = 64;         // queries per block: 16 per warp (one m16 row block)
-constexpr int kBk = 64;         // gathered keys per tile
-constexpr int kRing = 256;      // ring capacity: < 2*kBk pending + one chunk of 128 appended
+// Blocks have kWarps = 4 or 8 warps, 16 queries each (one m16 row block per warp), so a query
+// tile holds Bq = 16 * kWarps queries; gathered key tiles hold kBk keys. A scan step covers one
+// key per thread (kThreads = 32 * kWarps keys, kThreads / 128 chunks).
+constexpr int kBk = 64;
+constexpr int kDefaultWarps = 4;
 
+template <int kWarps>
+struct Tiles {
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBq = 16 * kWarps;
+  // ring capacity: < kBk pending when a scan step starts, + kThreads appended, + the kBk entries
+  // of the tile in use, rounded up to a power of two
+  static constexpr int kRing = kWarps == 4 ? 256 : 512;
+  static_assert(2 * kBk + kThreads <= kRing, "ring too small");
+};
+
+template <int kWarps>
 struct CandidateRing {
+  static constexpr int kRing = Tiles<kWarps>::kRing;
   int key[kRing];       // key index j
   int evict[kRing];     // e_j
   float delta2[kRing];  // delta_j * log2(e): logits are kept in base 2
-  int warp_count[2][kThreads / 32];
+  int warp_count[2][kWarps];
 };
 
 // Scan state; every thread holds the same values (all updates are block-uniform).
@@ -34,17 +47,27 @@ struct Scan {
   bool done = false;
 };
 
-// Scans chunks until at least `need` candidates are pending or every key <= p_last was seen.
+// Scans keys until at least `need` candidates are pending or every key <= p_last was seen.
 // Must be called by all threads of the block (it contains barriers).
-__device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing& ring, int need,
+template <int kWarps>
+__device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing<kWarps>& ring, int need,
                                                   int p_first, int p_last,
                                                   const int* __restrict__ evict_bh,
                                                   const int* __restrict__ chunk_max_bh,
                                                   const float* __restrict__ delta_bh) {
+  constexpr int kThreads = Tiles<kWarps>::kThreads, kRing = Tiles<kWarps>::kRing;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   while (!sc.done && sc.n < need) {
     if (sc.pos > p_last) { sc.done = true; break; }
-    if (__ldg(chunk_max_bh + sc.pos / kKeyChunk) >= p_first) {  // else: no key here is useful
+    // Skip the step when no chunk in it holds a key kept at p_first or later (every thread reads
+    // the same chunk maxima, so the decision is block-uniform).
+    bool useful = false;
+    #pragma unroll
+    for (int c = 0; c < kThreads / kKeyChunk; ++c) {
+      const int start = sc.pos + c * kKeyChunk;
+      useful = useful || (start <= p_last && __ldg(chunk_max_bh + start / kKeyChunk) >= p_first);
+    }
+    if (useful) {
       const int j = sc.pos + tid;
       int e = -1;
       bool cand = false;
@@ -54,11 +77,11 @@ __device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing& ring,
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, cand);
       if (lane == 0) ring.warp_count[sc.parity][warp] = __popc(ballot);
-      __syncthreads();  // this chunk's warp counts are visible. (Rows alternate: the row written
-                        // here was last read two chunks ago, before the previous barrier.)
+      __syncthreads();  // this step's warp counts are visible. (Rows alternate: the row written
+                        // here was last read two steps ago, before the previous barrier.)
       int before = 0, total = 0;
       #pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) {
+      for (int w = 0; w < kWarps; ++w) {
         const int c = ring.warp_count[sc.parity][w];
         before += w < warp ? c : 0;
         total += c;
@@ -73,17 +96,18 @@ __device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing& ring,
       sc.n += total;
       sc.parity ^= 1;
     }
-    sc.pos += kKeyChunk;
+    sc.pos += kThreads;
   }
   __syncthreads();  // the ring entries written above are visible to every thread
 }
 
 // Gathers rows ring[head .. head+nt) of src (rows of D elements) into dst [kBk][D+8] with 16-byte
 // asynchronous copies; rows nt..kBk-1 are zero-filled. The caller commits and waits.
-template <typename T, int D>
+template <typename T, int D, int kWarps>
 __device__ __forceinline__ void gather_rows(T* dst, const T* __restrict__ src,
-                                            const CandidateRing& ring, int head, int nt) {
+                                            const CandidateRing<kWarps>& ring, int head, int nt) {
   constexpr int kStride = D + 8, kVecs = D / 8;
+  constexpr int kThreads = Tiles<kWarps>::kThreads, kRing = Tiles<kWarps>::kRing;
   for (int c = threadIdx.x; c < kBk * kVecs; c += kThreads) {
     const int r = c / kVecs, col = (c % kVecs) * 8;
     const bool valid = r < nt;
@@ -92,14 +116,19 @@ __device__ __forceinline__ void gather_rows(T* dst, const T* __restrict__ src,
   }
 }
 
-// Loads rows i0 .. i0+kBq of a (L, D) matrix into dst [kBq][D+8]; rows past L are zero-filled.
-template <typename T, int D>
+// Loads rows i0 .. i0+Bq of a (L, D) matrix into dst [Bq][D+8]; rows past L are zero-filled.
+template <typename T, int D, int kWarps>
 __device__ __forceinline__ void load_rows(T* dst, const T* __restrict__ src, int i0, int L) {
   constexpr int kStride = D + 8, kVecs = D / 8;
+  constexpr int kThreads = Tiles<kWarps>::kThreads, kBq = Tiles<kWarps>::kBq;
   for (int c = threadIdx.x; c < kBq * kVecs; c += kThreads) {
     const int r = c / kVecs, col = (c % kVecs) * 8, i = i0 + r;
     cp_async_16(dst + r * kStride + col, src + (size_t)min(i, L - 1) * D + col, i < L);
   }
 }
+
+// Warps per block: 4 or 8, from the environment variable DMA_CUDA_WARPS (default below), so the
+// benchmark can compare both from one build.
+int block_warps();
 
 }  // namespace dma::cuda::detail

@@ -221,10 +221,14 @@ void upload_elem(DeviceBuffer& dst, const std::vector<float>& src, bool half, cu
   upload(dst, h, st);
   DMA_CUDA_CHECK(cudaStreamSynchronize(st));  // h goes out of scope
 }
+// Copies on the pipeline's stream, then waits for it. (A plain cudaMemcpy runs on the legacy
+// default stream, which does not wait for a non-blocking stream: it could read before the kernels
+// wrote.)
 template <typename U>
-std::vector<U> download(const DeviceBuffer& src, size_t n) {
+std::vector<U> download(const DeviceBuffer& src, size_t n, cudaStream_t st) {
   std::vector<U> h(n);
-  DMA_CUDA_CHECK(cudaMemcpy(h.data(), src.as<void>(), n * sizeof(U), cudaMemcpyDeviceToHost));
+  DMA_CUDA_CHECK(cudaMemcpyAsync(h.data(), src.as<void>(), n * sizeof(U), cudaMemcpyDeviceToHost, st));
+  DMA_CUDA_CHECK(cudaStreamSynchronize(st));
   return h;
 }
 
@@ -287,7 +291,7 @@ Result<float> run_pipeline(const Problem<float>& p, Precision precision) {
   if (!p.delta_given()) ws.phase_delta(st);
   e1.record(st);
   // Selection needs a finite delta: check before the mask (exp overflow is the usual cause).
-  r.delta = download<float>(ws.delta, delta_n);
+  r.delta = download<float>(ws.delta, delta_n, st);
   for (size_t n = 0; n < delta_n; ++n)
     if (!std::isfinite(r.delta[n]))
       throw dma::Error("delta" + format_index((int64_t)n, {s.B, s.Hd, s.Lk}) + " is " +
@@ -312,18 +316,18 @@ Result<float> run_pipeline(const Problem<float>& p, Precision precision) {
   r.times.forward = e3.ms_since(e2);
   r.times.backward = e4.ms_since(e3);
 
-  const std::vector<int> evict32 = download<int>(ws.evict, delta_n);
+  const std::vector<int> evict32 = download<int>(ws.evict, delta_n, st);
   r.evict.assign(evict32.begin(), evict32.end());
-  r.fwd.o = download<float>(ws.o, (size_t)s.q_numel());
-  r.fwd.lse = download<float>(ws.lse, (size_t)s.lse_numel());
+  r.fwd.o = download<float>(ws.o, (size_t)s.q_numel(), st);
+  r.fwd.lse = download<float>(ws.lse, (size_t)s.lse_numel(), st);
   if (p.has_backward()) {
-    r.grads.dq = download<float>(ws.dq, (size_t)s.q_numel());
-    r.grads.dk = download<float>(ws.dk, (size_t)s.kv_numel());
-    r.grads.dv = download<float>(ws.dv, (size_t)s.kv_numel());
-    r.grads.ddelta = download<float>(ws.ddelta, delta_n);
+    r.grads.dq = download<float>(ws.dq, (size_t)s.q_numel(), st);
+    r.grads.dk = download<float>(ws.dk, (size_t)s.kv_numel(), st);
+    r.grads.dv = download<float>(ws.dv, (size_t)s.kv_numel(), st);
+    r.grads.ddelta = download<float>(ws.ddelta, delta_n, st);
     if (!p.delta_given()) {
-      r.dw_dt = download<float>(ws.dw_dt, (size_t)s.w_dt_numel());
-      r.da = download<float>(ws.da, (size_t)s.Hd);
+      r.dw_dt = download<float>(ws.dw_dt, (size_t)s.w_dt_numel(), st);
+      r.da = download<float>(ws.da, (size_t)s.Hd, st);
     }
   }
   return r;
@@ -389,6 +393,7 @@ BenchResult bench_pipeline(const Shape& s, const Options& opt, const BenchOption
 
   BenchResult res;
   res.peak_bytes = (double)ws.bytes();
+  const int kBq = 16 * block_warps();
   res.tile_q = kBq;
   res.tile_k = kBk;
   std::vector<double> t_delta, t_mask, t_fwd, t_bwd, t_dw, t_total;
@@ -423,9 +428,9 @@ BenchResult bench_pipeline(const Shape& s, const Options& opt, const BenchOption
   res.total_ms = median(t_total);
 
   // Pair counts from the mask actually built (host side, O(B*Hd*Lk) + O(tiles * Lk)).
-  const std::vector<int> evict = download<int>(ws.evict, (size_t)s.delta_numel());
+  const std::vector<int> evict = download<int>(ws.evict, (size_t)s.delta_numel(), st);
   if (!bo.dump_dir.empty()) {
-    const std::vector<float> delta = download<float>(ws.delta, (size_t)s.delta_numel());
+    const std::vector<float> delta = download<float>(ws.delta, (size_t)s.delta_numel(), st);
     const std::string tag = "_N" + std::to_string(s.Lk) + "_w" + std::to_string(opt.window);
     std::FILE* f = std::fopen((bo.dump_dir + "/delta" + tag + ".f32").c_str(), "wb");
     std::FILE* g = std::fopen((bo.dump_dir + "/evict" + tag + ".i32").c_str(), "wb");
