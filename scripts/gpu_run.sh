@@ -40,22 +40,27 @@ device)
     echo "== tests"; "$BIN/test_cuda" 2>&1 | tee "$OUT/tests.log" | tail -25; rc=$((rc | ${PIPESTATUS[0]}))
   fi
   if [[ $what == sanitizer || $what == all ]]; then
+    : > "$OUT/sanitizer.log"
     for tool in memcheck racecheck; do
-      echo "== compute-sanitizer $tool"
+      echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
       compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc='*sanitizer*' \
-        > "$OUT/sanitizer_$tool.log" 2>&1; s=$?
-      tail -4 "$OUT/sanitizer_$tool.log"; echo "exit $s"; rc=$((rc | s))
+        >> "$OUT/sanitizer.log" 2>&1; s=$?
+      tail -3 "$OUT/sanitizer.log"; echo "exit $s"; rc=$((rc | s))
     done
   fi
   if [[ $what == bench || $what == all ]]; then
-    echo "== bench"
+    # BENCH_N, BENCH_W (0 = dense), BENCH_D, BENCH_PEERS select the grid; TAG names the files.
+    N=${BENCH_N:-8192,16384}; W=${BENCH_W:-2048,0}; D=${BENCH_D:-128}
+    TAG=${TAG:-d${D}}
+    echo "== bench $TAG: N=$N w=$W D=$D peers=${BENCH_PEERS:-flash,cudnn,flex}"
     mkdir -p /tmp/dma_dump
-    N=${BENCH_N:-8192,16384}; W=${BENCH_W:-2048,0}
-    "$BIN/dma_bench" --N "$N" --w "$W" --dump /tmp/dma_dump > "$OUT/dma_bench.json" 2> "$OUT/dma_bench.err"
-    cat "$OUT/dma_bench.err"
-    python3 bench/peers.py --N "$N" --w "$W" --peers "${BENCH_PEERS:-flash,cudnn}" --dump /tmp/dma_dump \
-      --ceilings > "$OUT/peers.json" 2> "$OUT/peers.err"; tail -3 "$OUT/peers.err"
-    python3 bench/report.py "$OUT/dma_bench.json" "$OUT/peers.json" | tee "$OUT/summary.md"
+    "$BIN/dma_bench" --N "$N" --w "$W" --D "$D" --dump /tmp/dma_dump \
+      > "$OUT/dma_bench_$TAG.json" 2> "$OUT/bench_$TAG.log"
+    python3 bench/peers.py --N "$N" --w "$W" --D "$D" --peers "${BENCH_PEERS:-flash,cudnn,flex}" \
+      --dump /tmp/dma_dump --ceilings > "$OUT/peers_$TAG.json" 2>> "$OUT/bench_$TAG.log"
+    grep -i -E "error|Traceback" "$OUT/bench_$TAG.log" | head -5
+    python3 bench/report.py "$OUT/dma_bench_$TAG.json" "$OUT/peers_$TAG.json" \
+      --plot "$OUT/plot_$TAG.png" | tee "$OUT/summary_$TAG.md"
   fi
   exit $rc
   ;;

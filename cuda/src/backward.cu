@@ -104,6 +104,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   const int p_row[2] = {position(i0 + row_l[0]), position(i0 + row_l[1])};
   const float lse2[2] = {lse2_s[row_l[0]], lse2_s[row_l[1]]};
   const float dsum[2] = {dsum_s[row_l[0]], dsum_s[row_l[1]]};
+  const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
   float dq_acc[D / 8][4];
@@ -140,17 +141,19 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
     }
 
     // 3. P and dS in registers (s and dp are overwritten by them); P, dS to shared memory.
+    //    (Tiles kept whole for this warp's rows skip the per-element test, as in the forward.)
+    const bool full = tile_fully_kept(ring, tile_head, nt, warp_p_first, warp_p_last);
     #pragma unroll
     for (int n = 0; n < kBk / 8; ++n) {
       #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) % kRing;
+        const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) & (kRing - 1);
         const int j = ring.key[slot], ej = ring.evict[slot];
         const float d2 = ring.delta2[slot];
         const bool valid = col < nt;
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
+          const bool kept = full || (valid && j <= p_row[r] && p_row[r] <= ej);
           const float p = kept ? exp2f(fmaf(s[n][2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
           s[n][2 * r + e] = p;
           dp[n][2 * r + e] = p * (dp[n][2 * r + e] - dsum[r]);  // dS; exactly 0 where p is 0
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
       float sum = 0.0f;
       #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += colsum[w * kBk + tid];
-      atomicAdd(ddelta_bh + ring.key[(tile_head + tid) % kRing], sum);
+      atomicAdd(ddelta_bh + ring.key[(tile_head + tid) & (kRing - 1)], sum);
     }
 
     // 6. dV_j = P^T dO and dK_j = scale * dS^T Q, summed over all kBq queries (A = P^T / dS^T
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
     const int key_l[2] = {key_block * 16 + g, key_block * 16 + g + 8};
     int key_j[2];
     #pragma unroll
-    for (int r = 0; r < 2; ++r) key_j[r] = key_l[r] < nt ? ring.key[(tile_head + key_l[r]) % kRing] : -1;
+    for (int r = 0; r < 2; ++r) key_j[r] = key_l[r] < nt ? ring.key[(tile_head + key_l[r]) & (kRing - 1)] : -1;
     constexpr int kPasses = kWarps == 4 ? 2 : 1;
     #pragma unroll
     for (int pp = 0; pp < kPasses; ++pp) {
@@ -248,7 +251,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
     }
     __syncthreads();  // every warp is done with K_j, V_j, P, dS and this tile's ring entries
 
-    sc.head = (sc.head + nt) % kRing;
+    sc.head = (sc.head + nt) & (kRing - 1);
     sc.n -= nt;
     ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
     if (sc.n == 0) break;

@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
   const int p_row[2] = {position(row[0]), position(row[1])};
+  const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
   while (true) {
@@ -97,22 +98,40 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       }
     }
 
-    // 3. Mask in registers and online softmax (base 2).
+    // 3. Mask in registers and online softmax (base 2). Most tiles of dense or local masks are
+    //    kept whole for this warp's 16 rows (every key j <= the first row's position and every
+    //    e_j >= the last row's): those skip the per-element test.
     float row_max[2] = {-INFINITY, -INFINITY};
-    #pragma unroll
-    for (int n = 0; n < kBk / 8; ++n) {
+    if (tile_fully_kept(ring, tile_head, nt, warp_p_first, warp_p_last)) {
       #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) % kRing;
-        const int j = ring.key[slot], ej = ring.evict[slot];
-        const float d2 = ring.delta2[slot];
-        const bool valid = col < nt;
+      for (int n = 0; n < kBk / 8; ++n) {
         #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
-          float& x = s[n][2 * r + e];
-          x = kept ? fmaf(x, scale2, d2) : -INFINITY;
-          row_max[r] = fmaxf(row_max[r], x);
+        for (int e = 0; e < 2; ++e) {
+          const float d2 = ring.delta2[(tile_head + n * 8 + t4 * 2 + e) & (kRing - 1)];
+          #pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float& x = s[n][2 * r + e];
+            x = fmaf(x, scale2, d2);
+            row_max[r] = fmaxf(row_max[r], x);
+          }
+        }
+      }
+    } else {
+      #pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) & (kRing - 1);
+          const int j = ring.key[slot], ej = ring.evict[slot];
+          const float d2 = ring.delta2[slot];
+          const bool valid = col < nt;
+          #pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
+            float& x = s[n][2 * r + e];
+            x = kept ? fmaf(x, scale2, d2) : -INFINITY;
+            row_max[r] = fmaxf(row_max[r], x);
+          }
         }
       }
     }
@@ -150,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
     }
 
     __syncthreads();  // every warp is done with K_j and with this tile's ring entries
-    sc.head = (sc.head + nt) % kRing;
+    sc.head = (sc.head + nt) & (kRing - 1);
     sc.n -= nt;
     ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
     const bool more = sc.n > 0;
