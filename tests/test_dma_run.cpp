@@ -78,7 +78,7 @@ const Shape kShape = make_shape(2, 4, 2, 4, 7, 11, 8);  // GQA, Hd = Hq, Lq < Lk
 }  // namespace
 
 TEST_SUITE("dma_run") {
-  TEST_CASE("float64 bundle: every output, its shape and dtype, equal to the library") {
+  TEST_CASE("float64 bundle: every output with its shape and dtype equals the library") {
     Scratch tmp;
     const Problem<double> p = random_problem<double>(kShape, make_options(4), test_seed());
     write_problem(tmp / "in", p);
@@ -102,7 +102,7 @@ TEST_SUITE("dma_run") {
     CHECK(!fs::exists(tmp / "out.tmp"));
   }
 
-  TEST_CASE("float32 in, float32 out; the tiled backend agrees with the reference") {
+  TEST_CASE("float32 in and float32 out and the tiled backend agrees with the reference") {
     Scratch tmp;
     Problem<float> p = random_problem<float>(kShape, make_options(3, false, Form::linear), test_seed() + 1);
     write_problem(tmp / "in", p);
@@ -118,7 +118,7 @@ TEST_SUITE("dma_run") {
     CHECK(a.arrays.at("evict").data == b.arrays.at("evict").data);
   }
 
-  TEST_CASE("given delta: dw_dt and da are not written, dv is the attention gradient") {
+  TEST_CASE("given delta: dw_dt and da are not written and dv is the attention gradient") {
     Scratch tmp;
     Problem<double> p = random_problem<double>(kShape, make_options(5), test_seed() + 2);
     std::mt19937_64 rng(test_seed() + 3);
@@ -134,7 +134,7 @@ TEST_SUITE("dma_run") {
     CHECK(npy_to_float<double>(out.arrays.at("dv"), "dv") == run_pipeline(p, Backend::cpu).grads.dv);
   }
 
-  TEST_CASE("invalid data: one line naming the tensor, exit 2, no output, an old bundle kept") {
+  TEST_CASE("invalid data: one line naming the tensor and exit 2 with no output and an old bundle kept") {
     Scratch tmp;
     const Problem<double> good = random_problem<double>(kShape, make_options(4), test_seed() + 4);
     write_problem(tmp / "in", good);
@@ -183,7 +183,7 @@ TEST_SUITE("dma_run") {
     CHECK(!fs::exists(tmp / "x"));
   }
 
-  TEST_CASE("the output folder: refused when it holds other files or cannot be written") {
+  TEST_CASE("the output folder is refused when it holds other files or cannot be written") {
     Scratch tmp;
     write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 5));
     fs::create_directories(tmp / "precious");
@@ -205,7 +205,7 @@ TEST_SUITE("dma_run") {
     CHECK(fs::exists(tmp / "empty/q.npy"));
   }
 
-  TEST_CASE("bad flags: the parser's message and a non-zero exit") {
+  TEST_CASE("bad flags give the parser's message and a non-zero exit") {
     Scratch tmp;
     CHECK(dma_run(tmp, "--in a --out b").code != 0);                        // no --window
     CHECK(dma_run(tmp, "--in a --out b --window 4 --form cubic").code != 0);

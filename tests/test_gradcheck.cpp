@@ -51,7 +51,7 @@ struct Case {
 }  // namespace
 
 TEST_SUITE("gradcheck") {
-  TEST_CASE("finite differences of the whole pipeline, every parameter, both forms") {
+  TEST_CASE("finite differences of the whole pipeline on every parameter in both forms") {
     const Case cases[] = {
         {"exp, GQA", make_shape(1, 4, 2, 2, 6, 6, 4), make_options(3, true, Form::exp)},
         {"linear, GQA", make_shape(1, 4, 2, 2, 6, 6, 4), make_options(3, true, Form::linear)},

@@ -1,6 +1,10 @@
+// The doctest main of the core suites: prints the random seed (replay a failure with
+// DMA_TEST_SEED=<seed>) and fails when a filter matched no test case, so a test name that ctest
+// mangled can never pass by running nothing.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -18,12 +22,41 @@ uint64_t test_seed() {
 }
 }  // namespace dma_test
 
+namespace {
+
+std::atomic<int> g_cases_run{0};
+
+// Counts the test cases that actually start.
+struct CaseCounter : doctest::IReporter {
+  explicit CaseCounter(const doctest::ContextOptions&) {}
+  void report_query(const doctest::QueryData&) override {}
+  void test_run_start() override {}
+  void test_run_end(const doctest::TestRunStats&) override {}
+  void test_case_start(const doctest::TestCaseData&) override { ++g_cases_run; }
+  void test_case_reenter(const doctest::TestCaseData&) override {}
+  void test_case_end(const doctest::CurrentTestCaseStats&) override {}
+  void test_case_exception(const doctest::TestCaseException&) override {}
+  void subcase_start(const doctest::SubcaseSignature&) override {}
+  void subcase_end() override {}
+  void log_assert(const doctest::AssertData&) override {}
+  void log_message(const doctest::MessageData&) override {}
+  void test_case_skipped(const doctest::TestCaseData&) override {}
+};
+REGISTER_LISTENER("case_counter", 1, CaseCounter);
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  // Print the seed so a failure can be replayed with DMA_TEST_SEED=<seed>.
   bool listing = false;
   for (int n = 1; n < argc; ++n) listing |= std::string(argv[n]).rfind("--list", 0) == 0;
   if (!listing)
     std::fprintf(stderr, "DMA_TEST_SEED=%llu\n", static_cast<unsigned long long>(dma_test::test_seed()));
   doctest::Context ctx(argc, argv);
-  return ctx.run();
+  const int result = ctx.run();
+  if (ctx.shouldExit() || listing) return result;
+  if (g_cases_run == 0) {
+    std::fprintf(stderr, "no test case matched the filter: a mangled test name?\n");
+    return 1;
+  }
+  return result;
 }

@@ -45,7 +45,7 @@ struct MaskCase {
 }  // namespace
 
 TEST_SUITE("cpu") {
-  TEST_CASE("explicit mask and eviction intervals agree on every (query, key)") {
+  TEST_CASE("explicit mask and eviction intervals agree on every query-key pair") {
     std::mt19937_64 rng(test_seed());
     const MaskCase cases[] = {
         {make_shape(2, 4, 2, 2, 17, 17, 4), 5, true, false},

@@ -69,7 +69,7 @@ TEST_SUITE("npy") {
     std::filesystem::remove_all(dir);
   }
 
-  TEST_CASE("format versions 1, 2 and 3 and header spellings") {
+  TEST_CASE("format versions 1 2 and 3 and header spellings") {
     const float data[2] = {1.0f, -4.0f};
     for (int major : {1, 2, 3}) {
       const auto bytes = npy_bytes(major, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", 8, data);

@@ -37,7 +37,7 @@ std::vector<double> windowed_attention(int64_t Lq, int64_t D, const double* q,
 }  // namespace
 
 TEST_SUITE("cpu") {
-  TEST_CASE("equal delta gives sliding-window attention; w >= Lk gives causal attention") {
+  TEST_CASE("equal delta gives sliding-window attention and w >= Lk gives causal attention") {
     const Shape s = make_shape(1, 1, 1, 1, 13, 21, 8);
     for (int64_t w : {int64_t{4}, int64_t{100}}) {
       Problem<double> p = random_problem<double>(s, make_options(w), test_seed());

@@ -100,13 +100,13 @@ TEST_SUITE("robustness") {
     for (Backend b : {Backend::cpu, Backend::tiled}) check_against_f64(p, b, 1e-2);
   }
 
-  TEST_CASE("a long sequence in float32 (tiled, 8K keys)") {
+  TEST_CASE("a long sequence in float32 (tiled with 8K keys)") {
     const Shape s = make_shape(1, 1, 1, 1, 8192, 8192, 16);
     const Problem<double> p = rounded(random_problem<double>(s, make_options(256), test_seed() + 1));
     check_against_f64(p, Backend::tiled, 2e-3);
   }
 
-  TEST_CASE("delta from 1e-30 to 1e30, given and computed in the linear form") {
+  TEST_CASE("delta from 1e-30 to 1e30 given and computed in the linear form") {
     const Shape s = make_shape(1, 2, 1, 1, 48, 48, 8);
     Problem<double> p = random_problem<double>(s, make_options(8), test_seed() + 2);
     std::mt19937_64 rng(test_seed() + 3);

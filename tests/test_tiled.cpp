@@ -40,7 +40,7 @@ void check_close(const Result<double>& got, const Result<double>& ref, double to
 }  // namespace
 
 TEST_SUITE("cpu") {
-  TEST_CASE("tiled dense, skip and gather equal the dense-masked reference in float64") {
+  TEST_CASE("tiled dense and skip and gather equal the dense-masked reference in float64") {
     struct Case { Shape s; Options opt; int64_t Bq, Bk; };
     const Case cases[] = {
         {make_shape(1, 4, 2, 2, 37, 37, 8), make_options(5), 8, 8},
@@ -79,7 +79,7 @@ TEST_SUITE("cpu") {
     }
   }
 
-  TEST_CASE("skipping alone does nothing on random delta; gathering follows the true density") {
+  TEST_CASE("skipping alone does nothing on random delta while gathering follows the true density") {
     const Shape s = make_shape(1, 1, 1, 1, 1024, 1024, 8);
     Problem<double> p = random_problem<double>(s, make_options(64), test_seed() + 20, false);
     const Result<double> skip = tiled(p, TileMode::skip, 64, 64);

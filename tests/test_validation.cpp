@@ -81,7 +81,7 @@ TEST_SUITE("validation") {
     CHECK(contains(error_of(p), "delta[0,0,3] is nan"));
   }
 
-  TEST_CASE("a delta that overflows in the exp form is an error, not an inf") {
+  TEST_CASE("a delta that overflows in the exp form is an error and not an inf") {
     Problem<double> p = good();
     p.a.assign(p.a.size(), 1000.0);
     p.w_dt.assign(p.w_dt.size(), 1.0);
