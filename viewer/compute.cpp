@@ -119,6 +119,7 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
   d->delta_given = b.has("delta") && !(b.has("w_dt") && b.has("a"));
   Options opt;
   opt.window = 1;
+  opt.causal = false;  // only to read the shape: non-causal accepts Lq > Lk too
   Bundle inputs = b;
   if (!d->delta_given) inputs.arrays.erase("delta");
   const Problem<float> p = problem_from_bundle<float>(inputs, opt);
@@ -128,6 +129,7 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
 
   // Infer how the stored outputs were computed, so that opening a dma_run bundle shows the same.
   d->window = static_cast<int>(std::min<int64_t>(32, s.Lk));
+  d->causal = s.Lq <= s.Lk;  // causal needs Lq <= Lk
   if (b.has("evict")) {
     // The last query sees every key (causal or not), and keeps min(w, Lk) of them: those with
     // e_j = Lk - 1. So the count of such keys is w, unless w >= Lk.

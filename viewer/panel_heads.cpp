@@ -214,7 +214,7 @@ void panel_head_view(InspectorState& st, float bars_height) {
   const ImVec2 origin = ImGui::GetCursorScreenPos();
   const ImVec2 avail = ImGui::GetContentRegionAvail();
   const float bar_col = 84.0f;
-  const Rect area{origin.x, origin.y, avail.x - bar_col, avail.y - bars_height - line};
+  const Rect area{origin.x, origin.y, avail.x - bar_col, avail.y - bars_height - 2 * line};
   const Rect img = fit_rect(area, m.rows, m.cols);
   vs.image_rect = img;
   if (img.w < 8 || img.h < 8) return;
@@ -346,11 +346,8 @@ void panel_head_view(InspectorState& st, float bars_height) {
                         (long long)tex.factor_c);
   else
     ImGui::TextDisabled("%lld x %lld, one texel per cell", (long long)m.rows, (long long)m.cols);
-  if (!gather_line.empty()) {
-    ImGui::SameLine();
-    ImGui::TextUnformatted(gather_line.c_str());
-  }
-  ImGui::SetCursorScreenPos(vec(origin.x, area.y + area.h + line));
+  if (!gather_line.empty()) ImGui::TextUnformatted(gather_line.c_str());
+  ImGui::SetCursorScreenPos(vec(origin.x, area.y + area.h + 2 * line));
 }
 
 // ---- delta per key ---------------------------------------------------------------------------

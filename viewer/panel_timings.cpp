@@ -54,9 +54,9 @@ void panel_timings(InspectorState& st) {
       ImGui::TableNextColumn();
       ImGui::TextUnformatted(backend_label(static_cast<BackendId>(b)));
       if (ImGui::IsItemHovered()) ImGui::SetTooltip("%s", backend_help(static_cast<BackendId>(b)));
-      if (!r.ran) {
+      if (!r.ran) {  // the reason goes under the table, so the columns stay narrow
         ImGui::TableNextColumn();
-        ImGui::TextDisabled("%s", r.note.empty() ? "-" : r.note.c_str());
+        ImGui::TextDisabled("-");
         continue;
       }
       ImGui::TableNextColumn(); time_cell(r.times.delta);
@@ -72,6 +72,9 @@ void panel_timings(InspectorState& st) {
     }
     ImGui::EndTable();
   }
+  for (int b = 0; b < kBackendCount; ++b)
+    if (!runs[b].ran && !runs[b].note.empty())
+      ImGui::TextDisabled("%s: %s", backend_label(static_cast<BackendId>(b)), runs[b].note.c_str());
 
   // Sparklines of the total per pass (one point per pass since the inputs last changed).
   ImGui::Spacing();
