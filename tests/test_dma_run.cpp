@@ -183,6 +183,53 @@ TEST_SUITE("dma_run") {
     CHECK(!fs::exists(tmp / "x"));
   }
 
+  TEST_CASE("hostile files: each a one-line message and exit 2 and no output") {
+    Scratch tmp;
+    const Problem<double> good = random_problem<double>(kShape, make_options(4), test_seed() + 6);
+    write_problem(tmp / "in", good);
+    const std::string q_bytes = slurp(tmp / "in/q.npy");
+    const size_t data_at = q_bytes.find('\n') + 1;  // the header ends with a newline
+    auto patched = [&](std::string bytes, const std::string& from, const std::string& to) {
+      const size_t at = bytes.find(from);
+      REQUIRE(at != std::string::npos);
+      return bytes.replace(at, from.size(), to);
+    };
+    const struct { const char* name; std::string q; const char* expect; } cases[] = {
+        {"truncated", q_bytes.substr(0, q_bytes.size() - 100), "more data than the file holds"},
+        {"header only", q_bytes.substr(0, 20), "truncated .npy header"},
+        {"wrong magic", "PK" + q_bytes.substr(2), "bad magic"},
+        {"empty file", "", "bad magic"},
+        {"unsupported dtype", patched(q_bytes, "'<f8'", "'<c8'"), "unsupported dtype '<c8'"},
+        {"big-endian", patched(q_bytes, "'<f8'", "'>f8'"), "big-endian"},
+        {"fortran order", patched(q_bytes, "False", "True "), "Fortran-order"},
+        {"absurd shape", patched(q_bytes, "(2, 4, 7, 8)", "(2, 4, 7, 99999999999999)"), "more data than the file holds"},
+        {"extra data", q_bytes + std::string(16, '\0'), "data size mismatch"},
+        {"integer q", patched(q_bytes, "'<f8'", "'<i8'"), "q: dtype int64 (expected float32 or float64)"},
+    };
+    CHECK(data_at > 10);
+    for (const auto& c : cases) {
+      CAPTURE(c.name);
+      fs::remove_all(tmp / "bad");
+      fs::copy(tmp / "in", tmp / "bad");
+      std::ofstream(tmp / "bad/q.npy", std::ios::binary | std::ios::trunc) << c.q;
+      const Run r = dma_run(tmp, "--in " + (tmp / "bad") + " --out " + (tmp / "out") + " --window 4");
+      CHECK(r.code == 2);
+      CHECK(count_lines(r.err) == 1);
+      CHECK_MESSAGE(r.err.find(c.expect) != std::string::npos, r.err);
+      CHECK(!fs::exists(tmp / "out"));
+    }
+    // an exp-form delta that overflows is named with its index
+    Problem<double> hot = good;
+    hot.a.assign(hot.a.size(), 500.0);
+    hot.w_dt.assign(hot.w_dt.size(), 1.0);
+    hot.v.assign(hot.v.size(), 1.0);
+    write_problem(tmp / "hot", hot);
+    const Run r = dma_run(tmp, "--in " + (tmp / "hot") + " --out " + (tmp / "out") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("dma_run: delta[0,0,0] is not finite") == 0);
+    CHECK(!fs::exists(tmp / "out"));
+  }
+
   TEST_CASE("the output folder is refused when it holds other files or cannot be written") {
     Scratch tmp;
     write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 5));
