@@ -26,7 +26,7 @@ constexpr int kPStride = kBk + 8;  // P and dS tiles [kBq][kBk+8]
 template <int D, int kWarps>
 constexpr size_t backward_smem_bytes() {
   constexpr int kBq = Tiles<kWarps>::kBq;
-  return sizeof(uint16_t) * ((2 * kBq + 2 * kBk) * (D + 8) + 2 * kBq * kPStride) +
+  return sizeof(uint16_t) * ((2 * kBq + 4 * kBk) * (D + 8) + 2 * kBq * kPStride) +
          sizeof(CandidateRing<kWarps>) + sizeof(float) * (kWarps * kBk + 2 * kBq);
 }
 
@@ -50,9 +50,10 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* dOs = Qs + kBq * kStride;         // [kBq][D+8]
-  T* Ks = dOs + kBq * kStride;         // [kBk][D+8]  gathered K_j
-  T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
-  T* Ps = Vs + kBk * kStride;          // [kBq][kBk+8]
+  T* Ks = dOs + kBq * kStride;         // 2 x [kBk][D+8]  gathered K_j (double buffer)
+  T* Vs = Ks + 2 * kBk * kStride;      // 2 x [kBk][D+8]  gathered V_j
+  constexpr int kBuf = kBk * kStride;  // elements per buffer
+  T* Ps = Vs + 2 * kBuf;               // [kBq][kBk+8]
   T* dSs = Ps + kBq * kPStride;        // [kBq][kBk+8]
   CandidateRing<kWarps>& ring = *reinterpret_cast<CandidateRing<kWarps>*>(dSs + kBq * kPStride);
   float* colsum = reinterpret_cast<float*>(&ring + 1);  // [kWarps][kBk]
@@ -93,9 +94,11 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   }
   Scan sc;
   ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-  int nt = min(kBk, sc.n);
-  gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, nt);
-  gather_rows<T, D, kWarps>(Vs, v_bh, ring, sc.head, nt);
+  int nt = min(kBk, sc.n), tile_head = sc.head;  // the tile in hand: ring[tile_head, +nt)
+  sc.head = (sc.head + nt) & (kRing - 1);
+  sc.n -= nt;
+  gather_rows<T, D, kWarps>(Ks, k_bh, ring, tile_head, nt);
+  gather_rows<T, D, kWarps>(Vs, v_bh, ring, tile_head, nt);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();  // Q, dO, lse, D_i, K_0, V_0 visible to every warp
@@ -111,8 +114,20 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.0f;
 
-  while (true) {
-    const int tile_head = sc.head;
+  for (int buf = 0;; buf ^= 1) {
+    // Next tile: scan (its closing barrier: every warp is done with tile t-1, its K/V buffers,
+    // P, dS and column sums) and start its copies into the other buffers.
+    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+    const int next_nt = min(kBk, sc.n), next_head = sc.head;
+    if (next_nt > 0) {
+      gather_rows<T, D, kWarps>(Ks + (buf ^ 1) * kBuf, k_bh, ring, next_head, next_nt);
+      gather_rows<T, D, kWarps>(Vs + (buf ^ 1) * kBuf, v_bh, ring, next_head, next_nt);
+    }
+    cp_async_commit();   // (an empty group when there is no next tile)
+    cp_async_wait<1>();  // tile t has landed
+    __syncthreads();     // ... for every thread's copies
+    const T* Kt = Ks + buf * kBuf;
+    const T* Vt = Vs + buf * kBuf;
     // 2. S = Q K_j^T and dP = dO V_j^T (16 x 64 per warp each).
     float s[kBk / 8][4], dp[kBk / 8][4];
     #pragma unroll
@@ -131,8 +146,8 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
         const int b_off =
             (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8;
         uint32_t kb[4], vb[4];
-        ldmatrix_x4(kb, Ks + b_off);
-        ldmatrix_x4(vb, Vs + b_off);
+        ldmatrix_x4(kb, Kt + b_off);
+        ldmatrix_x4(vb, Vt + b_off);
         mma_16816<T>(s[2 * np], qf, kb[0], kb[1]);
         mma_16816<T>(s[2 * np + 1], qf, kb[2], kb[3]);
         mma_16816<T>(dp[2 * np], dof, vb[0], vb[1]);
@@ -190,7 +205,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
       #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t kb[4];
-        ldmatrix_x4_trans(kb, Ks + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+        ldmatrix_x4_trans(kb, Kt + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
                                   dd * 16 + (lane / 16) * 8);
         mma_16816<T>(dq_acc[2 * dd], af, kb[0], kb[1]);
         mma_16816<T>(dq_acc[2 * dd + 1], af, kb[2], kb[3]);
@@ -249,18 +264,11 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
                     make_float2(acc[n][2 * r] * mult, acc[n][2 * r + 1] * mult));
       }
     }
-    __syncthreads();  // every warp is done with K_j, V_j, P, dS and this tile's ring entries
-
+    if (next_nt == 0) break;
+    tile_head = next_head;
+    nt = next_nt;
     sc.head = (sc.head + nt) & (kRing - 1);
     sc.n -= nt;
-    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-    if (sc.n == 0) break;
-    nt = min(kBk, sc.n);
-    gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, nt);
-    gather_rows<T, D, kWarps>(Vs, v_bh, ring, sc.head, nt);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();  // K_{j+1}, V_{j+1} visible to every warp
   }
 
   // 7. dq = scale * dQ (the block owns these rows: plain stores).

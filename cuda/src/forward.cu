@@ -1,13 +1,13 @@
 // DMA forward: o = softmax(scale * q k^T + delta, masked) v and lse, with the element mask
 // j <= p_i <= e_j evaluated in registers on the gathered candidate keys of each query tile.
 //
-// One block = one query tile of kBq = 64 queries of one (b, query head); 4 warps, 16 queries each.
+// One block = one query tile of Bq = 16 * kWarps queries of one (b, query head), 16 per warp.
 // Per tile of kBk = 64 gathered keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
 //   S   = Q K_j^T                    mma.sync m16n8k16, fp32 accumulators   (16 x 64 per warp)
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept (in registers)
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P;  O = 2^(m-m') O + P V_j
 // and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows (gather.cuh),
-// loaded with cp.async: V_j while S is computed, K_{j+1} while P V_j is computed.
+// loaded with cp.async into two buffers: tile t+1 is copied while tile t is computed.
 #include <cstdlib>
 
 #include "gather.cuh"
@@ -18,7 +18,7 @@ namespace {
 
 template <int D, int kWarps>
 constexpr size_t forward_smem_bytes() {
-  return sizeof(uint16_t) * (Tiles<kWarps>::kBq + 2 * kBk) * (D + 8) + sizeof(CandidateRing<kWarps>);
+  return sizeof(uint16_t) * (Tiles<kWarps>::kBq + 4 * kBk) * (D + 8) + sizeof(CandidateRing<kWarps>);
 }
 
 template <typename T, int D, int kWarps>
@@ -27,9 +27,11 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   constexpr int kBq = Tiles<kWarps>::kBq, kRing = Tiles<kWarps>::kRing;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
-  T* Ks = Qs + kBq * kStride;          // [kBk][D+8]  gathered K_j
-  T* Vs = Ks + kBk * kStride;          // [kBk][D+8]  gathered V_j
-  CandidateRing<kWarps>& ring = *reinterpret_cast<CandidateRing<kWarps>*>(Vs + kBk * kStride);
+  T* Ks = Qs + kBq * kStride;          // 2 x [kBk][D+8]  gathered K_j (double buffer)
+  T* Vs = Ks + 2 * kBk * kStride;      // 2 x [kBk][D+8]  gathered V_j
+  constexpr int kBuf = kBk * kStride;  // elements per buffer
+  CandidateRing<kWarps>& ring =
+      *reinterpret_cast<CandidateRing<kWarps>*>(Vs + 2 * kBuf);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
@@ -49,15 +51,20 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   const int* chunk_max_bh = a.chunk_max + (size_t)bhd * d.n_chunks();
   const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
 
-  // 1. Q_i and the first K_j.
+  // 1. Q_i and the first K_j, V_j. Tiles are double-buffered: while tile t is computed from
+  //    buffer t%2, the copies of tile t+1 fill the other buffer.
   load_rows<T, D, kWarps>(Qs, q_bh, i0, d.Lq);
   cp_async_commit();
   Scan sc;
   ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-  gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));
+  int nt = min(kBk, sc.n), tile_head = sc.head;  // the tile in hand: ring[tile_head, +nt)
+  sc.head = (sc.head + nt) & (kRing - 1);
+  sc.n -= nt;
+  gather_rows<T, D, kWarps>(Ks, k_bh, ring, tile_head, nt);
+  gather_rows<T, D, kWarps>(Vs, v_bh, ring, tile_head, nt);
   cp_async_commit();
   cp_async_wait<0>();
-  __syncthreads();  // Q_i and K_0 are in shared memory for every warp
+  __syncthreads();  // Q_i, K_0 and V_0 are in shared memory for every warp
 
   // Q fragments stay in registers for the whole loop (A operand, 16 rows x D).
   uint32_t qf[D / 16][4];
@@ -75,11 +82,17 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
-  while (true) {
-    const int nt = min(kBk, sc.n), tile_head = sc.head;
-    gather_rows<T, D, kWarps>(Vs, v_bh, ring, tile_head, nt);
-    cp_async_commit();
-    cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
+  for (int buf = 0;; buf ^= 1) {
+    // Next tile: scan for its candidates (the scan's closing barrier also means every warp is
+    // done with tile t-1, whose buffers are refilled now), then start its copies.
+    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
+    const int next_nt = min(kBk, sc.n), next_head = sc.head;
+    if (next_nt > 0) {
+      gather_rows<T, D, kWarps>(Ks + (buf ^ 1) * kBuf, k_bh, ring, next_head, next_nt);
+      gather_rows<T, D, kWarps>(Vs + (buf ^ 1) * kBuf, v_bh, ring, next_head, next_nt);
+    }
+    cp_async_commit();   // (an empty group when there is no next tile)
+    cp_async_wait<1>();  // tile t has landed (tile t+1 may still be in flight)
     __syncthreads();     // ... for every thread's copies
 
     // 2. S = Q K_j^T (16 x 64 per warp).
@@ -91,7 +104,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       #pragma unroll
       for (int np = 0; np < kBk / 16; ++np) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, Ks + (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 +
+        ldmatrix_x4(kb, Ks + buf * kBuf + (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 +
                             ((lane / 8) % 2) * 8);
         mma_16816<T>(s[2 * np], qf[kk], kb[0], kb[1]);
         mma_16816<T>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
@@ -168,34 +181,25 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       pf[kk][3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
 
-    __syncthreads();  // every warp is done with K_j and with this tile's ring entries
-    sc.head = (sc.head + nt) & (kRing - 1);
-    sc.n -= nt;
-    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-    const bool more = sc.n > 0;
-    if (more) {
-      gather_rows<T, D, kWarps>(Ks, k_bh, ring, sc.head, min(kBk, sc.n));  // K_{j+1}, overlaps P V_j
-      cp_async_commit();
-      cp_async_wait<1>();  // V_j has landed
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // V_j is visible to every warp
-
     // 4. O += P V_j (16 x D per warp).
     #pragma unroll
     for (int kk = 0; kk < kBk / 16; ++kk) {
       #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, Vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
+        ldmatrix_x4_trans(vb, Vs + buf * kBuf + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride +
                                   dp * 16 + (lane / 16) * 8);
         mma_16816<T>(o_acc[2 * dp], pf[kk], vb[0], vb[1]);
         mma_16816<T>(o_acc[2 * dp + 1], pf[kk], vb[2], vb[3]);
       }
     }
-    if (!more) break;
-    __syncthreads();  // every warp is done with V_j before V_{j+1} overwrites it
+    if (next_nt == 0) break;
+    // (Scan steps write the ring only after their first barrier, when every warp is done with
+    // the tile before; live entries never exceed the ring: see Tiles::kRing.)
+    tile_head = next_head;
+    nt = next_nt;
+    sc.head = (sc.head + nt) & (kRing - 1);
+    sc.n -= nt;
   }
 
   // 5. o = O / l, lse = ln2 * (m + log2 l). Every query keeps >= 1 key, so l > 0 for real rows.

@@ -23,10 +23,10 @@ template <int kWarps>
 struct Tiles {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBq = 16 * kWarps;
-  // ring capacity: < kBk pending when a scan step starts, + kThreads appended, + the kBk entries
-  // of the tile in use, rounded up to a power of two
-  static constexpr int kRing = kWarps == 4 ? 256 : 512;
-  static_assert(2 * kBk + kThreads <= kRing, "ring too small");
+  // ring capacity, a power of two: the kBk entries of the tile in hand + those of the prefetched
+  // tile + < kBk pending when a scan step starts + kThreads appended by it
+  static constexpr int kRing = 512;
+  static_assert(3 * kBk + kThreads <= kRing, "ring too small");
 };
 
 template <int kWarps>
