@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool kept = full || (valid && j <= p_row[r] && p_row[r] <= ej);
-          const float p = kept ? exp2f(fmaf(s[n][2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
+          const float p = kept ? fast_exp2(fmaf(s[n][2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
           s[n][2 * r + e] = p;
           dp[n][2 * r + e] = p * (dp[n][2 * r + e] - dsum[r]);  // dS; exactly 0 where p is 0
         }

@@ -111,6 +111,15 @@ __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x on the special-function unit (ex2.approx.ftz: relative error ~2^-22, results below 2^-126
+// flush to 0). Used for the softmax probabilities, which are in [0, 1] and rounded to bf16/fp16
+// before the next product anyway; exp2f would add range handling that these values never need.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // (delta, index) as one sortable 64-bit key: a larger key ranks higher (dma::ranks_above).
 // Floats map to unsigned integers in order; -0 is folded onto +0 because ranks_above compares
 // the values (-0 == +0) and breaks that tie by index.

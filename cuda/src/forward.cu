@@ -118,15 +118,15 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
     if (tile_fully_kept(ring, tile_head, nt, warp_p_first, warp_p_last)) {
       #pragma unroll
       for (int n = 0; n < kBk / 8; ++n) {
+        // columns 2*t4, 2*t4+1 are adjacent ring slots (tile_head is even: tiles start at
+        // multiples of kBk), so one 8-byte load brings both deltas
+        const float2 d2 = *reinterpret_cast<const float2*>(
+            &ring.delta2[(tile_head + n * 8 + t4 * 2) & (kRing - 1)]);
         #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float d2 = ring.delta2[(tile_head + n * 8 + t4 * 2 + e) & (kRing - 1)];
-          #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float& x = s[n][2 * r + e];
-            x = fmaf(x, scale2, d2);
-            row_max[r] = fmaxf(row_max[r], x);
-          }
+        for (int r = 0; r < 2; ++r) {
+          s[n][2 * r] = fmaf(s[n][2 * r], scale2, d2.x);
+          s[n][2 * r + 1] = fmaf(s[n][2 * r + 1], scale2, d2.y);
+          row_max[r] = fmaxf(row_max[r], fmaxf(s[n][2 * r], s[n][2 * r + 1]));
         }
       }
     } else {
@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       float sum = 0.0f;
       #pragma unroll
       for (int n = 0; n < kBk / 8; ++n) {
-        s[n][2 * r] = exp2f(s[n][2 * r] - m_use);
-        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - m_use);
+        s[n][2 * r] = fast_exp2(s[n][2 * r] - m_use);
+        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
         sum += s[n][2 * r] + s[n][2 * r + 1];
       }
       l_row[r] = l_row[r] * alpha + sum;  // this thread's part of the row; the quad sums at the end
