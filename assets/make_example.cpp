@@ -2,7 +2,7 @@
 //
 //   dma_make_example [OUT_DIR]        (default: assets/example under the working folder)
 //
-// B=1, Hq=4, Hkv=2, Hd=4 (one mask per query head), Lq=Lk=256, D=32, float32, inputs q k v w_dt
+// B=1, Hq=4, Hkv=2, Hd=4 (one mask per query head), Lq=Lk=256, D=64, float32, inputs q k v w_dt
 // a do. Meant to be opened with w = 32, causal, form exp (the inspector's defaults for it).
 //
 // Random inputs give random-looking masks. To make the mask show what DMA does, some keys carry
@@ -24,7 +24,7 @@
 int main(int argc, char** argv) {
   const std::string out = argc > 1 ? argv[1] : "assets/example";
   dma::Shape s;
-  s.B = 1; s.Hq = 4; s.Hkv = 2; s.Hd = 4; s.Lq = 256; s.Lk = 256; s.D = 32;
+  s.B = 1; s.Hq = 4; s.Hkv = 2; s.Hd = 4; s.Lq = 256; s.Lk = 256; s.D = 64;
   const int64_t F = s.Hkv * s.D;  // length of vflat and of a row of w_dt
 
   std::mt19937_64 rng(20250802);  // fixed: the committed files are reproducible
@@ -75,6 +75,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dma_make_example: %s\n", e.what());
     return 1;
   }
-  std::printf("wrote %s (B=1 Hq=4 Hkv=2 Hd=4 Lq=Lk=256 D=32; open with w=32)\n", out.c_str());
+  std::printf("wrote %s (B=1 Hq=4 Hkv=2 Hd=4 Lq=Lk=256 D=64; open with w=32)\n", out.c_str());
   return 0;
 }

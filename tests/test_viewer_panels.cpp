@@ -198,3 +198,60 @@ TEST_CASE("panels: random inputs - non-causal - and a bad shape reports an error
 }
 
 }  // TEST_SUITE
+
+TEST_SUITE("gui") {
+
+// assets/cuda_small was written on an H200 by dma_run --backend cuda (see assets/README.md): the
+// inspector must show its CUDA outputs against the CPU reference on a machine without a GPU.
+TEST_CASE("a bundle written by dma_run --backend cuda: stored CUDA outputs against the CPU") {
+  auto data = load_bundle_data(DMA_ASSETS_DIR "/cuda_small", "cuda_small");
+  CHECK(data->has_stored_outputs);
+  CHECK(data->window == 16);  // inferred from evict
+  CHECK(data->form == dma::Form::exp);
+  Worker worker(nullptr);
+  worker.set_data(nullptr, data);
+  Params p;
+  p.source = Source::bundle;
+  p.window = data->window;
+  p.causal = data->causal;
+  p.form = data->form;
+  p.a = data->a;
+  p.run = {true, false, false, true, false};
+  for (bool bf16 : {true, false}) {
+    CAPTURE(bf16);
+    p.bf16_inputs = bf16;
+    worker.request(p);
+    REQUIRE(worker.wait_idle(120));
+    const auto snap = worker.snapshot();
+    REQUIRE(snap->error.empty());
+    REQUIRE(snap->compare.get() != nullptr);
+    const Comparison& c = *snap->compare;
+    CHECK(c.rows.size() == 6);  // o lse delta dq dk dv
+    for (const auto& row : c.rows) {
+      CAPTURE(row.tensor);
+      CHECK(std::isfinite(row.rel_l2));
+      // On the same bf16-rounded inputs, DESIGN.md §5: selection identical, relative L2 <= 1e-2
+      // forward and <= 2e-2 for the gradients.
+      if (bf16) CHECK(row.rel_l2 <= (row.tensor[0] == 'd' && row.tensor != "delta" ? 2e-2 : 1e-2));
+    }
+    if (bf16) CHECK(c.evict_mismatches == 0);
+    // The view of the comparison draws.
+    const HeadMatrix m = head_matrix(*snap->views, &c, ViewKind::diff, DiffTensor::dq, 0, 1, false);
+    CHECK(m.valid);
+    CHECK(m.rows == 128);
+    CHECK(m.cols == 64);
+  }
+}
+
+TEST_CASE("bf16 rounding: nearest - ties to even - as the CUDA kernels round") {
+  // bf16 keeps 7 mantissa bits: one ulp at 1 is 1/128.
+  CHECK(round_bf16(1.0f) == 1.0f);
+  CHECK(round_bf16(1.0f + 1.0f / 256) == 1.0f);               // half an ulp: a tie, 1 is even
+  CHECK(round_bf16(1.0f + 3.0f / 256) == 1.0f + 2.0f / 128);  // a tie: up to the even neighbour
+  CHECK(round_bf16(1.0f + 1.1f / 256) == 1.0f + 1.0f / 128);  // nearest
+  CHECK(round_bf16(1.0f + 0.9f / 256) == 1.0f);
+  CHECK(round_bf16(-2.5f) == -2.5f);
+  CHECK(std::isinf(round_bf16(INFINITY)));
+}
+
+}  // TEST_SUITE

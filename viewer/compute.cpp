@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <tuple>
 
@@ -52,8 +53,19 @@ const char* backend_help(BackendId b) {
 
 bool Params::operator==(const Params& o) const {
   return std::tie(source, B, Lq, Lk, Hq, Hkv, D, hd_is_hq, window, causal, form, seed, a, Bq, Bk,
-                  run) == std::tie(o.source, o.B, o.Lq, o.Lk, o.Hq, o.Hkv, o.D, o.hd_is_hq,
-                                   o.window, o.causal, o.form, o.seed, o.a, o.Bq, o.Bk, o.run);
+                  run, bf16_inputs) ==
+         std::tie(o.source, o.B, o.Lq, o.Lk, o.Hq, o.Hkv, o.D, o.hd_is_hq, o.window, o.causal,
+                  o.form, o.seed, o.a, o.Bq, o.Bk, o.run, o.bf16_inputs);
+}
+
+float round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf and NaN stay as they are
+  u += 0x7fffu + ((u >> 16) & 1u);                  // round to nearest, ties to even
+  u &= 0xffff0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
 }
 
 std::vector<float> default_a(int Hd) {
@@ -169,7 +181,18 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
 
 namespace {
 
+Problem<float> make_inputs(const Params& prm, const BundleData* data);
+
+// The inputs, rounded to bf16 where the CUDA kernels round them (q, k, v, do) if asked.
 Problem<float> make_problem(const Params& prm, const BundleData* data) {
+  Problem<float> p = make_inputs(prm, data);
+  if (prm.bf16_inputs)
+    for (std::vector<float>* t : {&p.q, &p.k, &p.v, &p.dout})
+      for (float& x : *t) x = round_bf16(x);
+  return p;
+}
+
+Problem<float> make_inputs(const Params& prm, const BundleData* data) {
   Problem<float> p;
   Options opt;
   opt.window = prm.window;

@@ -63,7 +63,7 @@ void panel_controls(InspectorState& st) {
   ImGui::BeginDisabled(!st.example);
   ImGui::RadioButton("built-in example", &source, static_cast<int>(Source::example));
   ImGui::EndDisabled();
-  help_marker("assets/example: B=1, Hq=4, Hkv=2, Hd=4, Lq=Lk=256, D=32, made by\n"
+  help_marker("assets/example: B=1, Hq=4, Hkv=2, Hd=4, Lq=Lk=256, D=64, made by\n"
               "assets/make_example.cpp. Some keys carry a strong signal in v, so their\n"
               "delta is high and they stay kept for a long time (vertical stripes).");
   ImGui::BeginDisabled(!st.bundle);

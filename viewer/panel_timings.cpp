@@ -150,6 +150,11 @@ void panel_compare(InspectorState& st) {
   help_marker("CUDA outputs against the CPU reference recomputed here (float32 inputs). CUDA\n"
               "computes in bf16 with fp32 accumulation, so expect relative L2 around 1e-3..1e-2;\n"
               "the selection (evict) should be identical given the same delta.");
+  ImGui::Checkbox("CPU on bf16-rounded q k v do", &st.params.bf16_inputs);
+  help_marker("The CUDA kernels round q, k, v and do to bf16 (delta and every sum stay fp32).\n"
+              "Tick this to give the CPU reference the same rounded inputs: the comparison then\n"
+              "shows the kernels' own error. Unticked, it also shows how rounding the inputs\n"
+              "moves the result - near-ties in delta can even change which keys are kept.");
   const Comparison* c = st.snap ? st.snap->compare.get() : nullptr;
   if (!c) {
     ImGui::TextDisabled("CUDA: %s.", st.worker->cuda_note().c_str());
