@@ -22,28 +22,33 @@ double loss(const Problem<double>& p, std::vector<int64_t>* evict = nullptr) {
   return l;
 }
 
-// Relative error of the analytic gradient of one parameter against central differences.
+// Relative error of the analytic gradient of one parameter against central differences of
+// fourth order, (-L(x+2h) + 8 L(x+h) - 8 L(x-h) + L(x-2h)) / 12h: with h = 1e-4 the truncation
+// error (~h^4) and the rounding error (~1e-16 |L| / h) both stay far below 1e-6 of the gradient.
 double check_param(Problem<double> p, std::vector<double> Problem<double>::*param,
                    const std::vector<double>& analytic, const std::vector<int64_t>& evict0) {
-  const double eps = 1e-6;
+  const double h = 1e-4;
   std::vector<double> numeric(analytic.size());
   for (size_t n = 0; n < analytic.size(); ++n) {
     const double x = (p.*param)[n];
-    std::vector<int64_t> e_plus, e_minus;
-    (p.*param)[n] = x + eps;
-    const double l_plus = loss(p, &e_plus);
-    (p.*param)[n] = x - eps;
-    const double l_minus = loss(p, &e_minus);
+    double l[4];
+    const double steps[4] = {2 * h, h, -h, -2 * h};
+    for (int s = 0; s < 4; ++s) {
+      std::vector<int64_t> evict;
+      (p.*param)[n] = x + steps[s];
+      l[s] = loss(p, &evict);
+      REQUIRE_MESSAGE(evict == evict0, "a perturbation changed the selection; pick inputs without near-ties");
+    }
     (p.*param)[n] = x;
-    REQUIRE_MESSAGE((e_plus == evict0 && e_minus == evict0),
-                    "a perturbation changed the selection; pick inputs without near-ties");
-    numeric[n] = (l_plus - l_minus) / (2 * eps);
+    numeric[n] = (-l[0] + 8 * l[1] - 8 * l[2] + l[3]) / (12 * h);
   }
-  return max_rel_error(analytic, numeric);
+  // A floor of 1e-3 (gradients here are of order 1): when one key dominates every row, p is
+  // one-hot and a gradient can be ~1e-23, where only the differences' rounding (~1e-12) is left.
+  return max_rel_error(analytic, numeric, 1e-3);
 }
 
 struct Case {
-  const char* name;
+  std::string name;
   Shape s;
   Options opt;
 };
@@ -74,7 +79,7 @@ TEST_SUITE("gradcheck") {
             for (int64_t j = i + 1; j < c.s.Lk; ++j)
               gap = std::min(gap, std::abs(r.delta[bh * c.s.Lk + i] - r.delta[bh * c.s.Lk + j]));
         evict0 = r.evict;
-        if (gap > 1e-3 || attempt == 20) break;
+        if (gap > 1e-2 || attempt == 50) break;
       }
       const Result<double> r = run_pipeline(p, Backend::cpu);
       CHECK(check_param(p, &Problem<double>::q, r.grads.dq, evict0) <= 1e-6);
