@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   float* dsum_s = lse2_s + kBq;                          // [kBq] D_i
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int q_tile = gridDim.y - 1 - blockIdx.y;  // longest tiles first (see forward.cu)
-  const int hq = blockIdx.x, b = blockIdx.z;
+  const int q_tile = gridDim.x - 1 - blockIdx.x;
+  const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kBq;
   const int shift = d.Lk - d.Lq;
@@ -290,7 +290,7 @@ void launch_warps(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr int kBq = Tiles<kWarps>::kBq;
   DMA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<T, D, kWarps>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid(d.Hq, (d.Lq + kBq - 1) / kBq, d.B);
+  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
   backward_kernel<T, D, kWarps><<<grid, 32 * kWarps, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(backward_kernel);
 }

@@ -34,10 +34,8 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       *reinterpret_cast<CandidateRing<kWarps>*>(Vs + 2 * kBuf);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  // grid (Hq, query tiles, B): every head's last query tile first. Causal tiles get longer
-  // towards the end, so the longest start first (and heads sharing a kv head run together).
-  const int q_tile = gridDim.y - 1 - blockIdx.y;
-  const int hq = blockIdx.x, b = blockIdx.z;
+  const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
+  const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kBq;
   const int shift = d.Lk - d.Lq;
@@ -167,12 +165,10 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       }
       l_row[r] = l_row[r] * alpha + sum;  // this thread's part of the row; the quad sums at the end
       m_row[r] = m_new;
-      if (alpha != 1.0f) {  // the running max rarely moves after the first tiles
-        #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o_acc[n][2 * r] *= alpha;
-          o_acc[n][2 * r + 1] *= alpha;
-        }
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o_acc[n][2 * r] *= alpha;
+        o_acc[n][2 * r + 1] *= alpha;
       }
     }
     // P as A fragments: the C layout of two adjacent n8 tiles is the A layout of one k16 slice.
@@ -231,7 +227,7 @@ void launch_warps(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr int kBq = Tiles<kWarps>::kBq;
   DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D, kWarps>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid(d.Hq, (d.Lq + kBq - 1) / kBq, d.B);
+  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
   forward_kernel<T, D, kWarps><<<grid, 32 * kWarps, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(forward_kernel);
 }

@@ -190,10 +190,9 @@ Dims make_dims(const Shape& s, const Options& opt) {
     throw dma::Error("D = " + std::to_string(s.D) +
                      ": the CUDA backend supports head dims 64 and 128");
   constexpr int64_t kMax = (int64_t{1} << 30);
-  // (grid limits: query tiles of 64 on grid.y <= 65535, B*Hd on grid.y of the mask kernels)
-  if (s.Lq > 64 * 65535 || s.Lk >= kMax || s.B * s.Hd > 65535 || s.B > 65535)
-    throw dma::Error("shape: too large for the CUDA backend (Lq <= 4194240, Lk < 2^30, "
-                     "B*Hd and B <= 65535)");
+  // (grid limits: Hq and B*Hd on grid.y, B on grid.z)
+  if (s.Lq >= kMax || s.Lk >= kMax || s.Hq > 65535 || s.B * s.Hd > 65535 || s.B > 65535)
+    throw dma::Error("shape: too large for the CUDA backend (Lq, Lk < 2^30; Hq, B*Hd, B <= 65535)");
   Dims d{};
   d.B = (int)s.B; d.Hq = (int)s.Hq; d.Hkv = (int)s.Hkv; d.Hd = (int)s.Hd;
   d.Lq = (int)s.Lq; d.Lk = (int)s.Lk; d.D = (int)s.D;
