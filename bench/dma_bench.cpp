@@ -61,9 +61,14 @@ int main(int argc, char** argv) {
   }
   std::printf("[\n");
   bool first = true;
-  for (long long N : Ns)
+  for (long long N : Ns) {
+    std::vector<long long> done;  // w = N given twice (e.g. N = 2048 with w = 2048 and w = 0)
     for (long long w0 : ws) {
       const long long w = w0 > 0 ? w0 : N;
+      bool seen = false;
+      for (long long x : done) seen = seen || x == w;
+      if (seen) continue;
+      done.push_back(w);
       dma::Shape s{B, Hq, Hkv, Hkv, N, N, D};
       dma::Options opt;
       opt.window = w;
@@ -98,6 +103,7 @@ int main(int argc, char** argv) {
         first = false;
       }
     }
+  }
   std::printf("\n]\n");
   return 0;
 }

@@ -149,8 +149,7 @@ def main():
     for N in map(int, a.N.split(",")):
         for peer in a.peers.split(","):
             ws = [0] if peer in ("flash", "cudnn") else [int(x) for x in a.w.split(",")]
-            for w0 in ws:
-                w = w0 if w0 > 0 else N
+            for w in sorted({w0 if w0 > 0 else N for w0 in ws}):
                 rec = dict(peer=peer, N=N, w=w, B=a.B, Hq=a.Hq, Hkv=a.Hkv, D=a.D)
                 try:
                     if peer in ("flash", "cudnn"):

@@ -50,7 +50,7 @@ device)
   fi
   if [[ $what == bench || $what == all ]]; then
     # BENCH_N, BENCH_W (0 = dense), BENCH_D, BENCH_PEERS select the grid; TAG names the files.
-    N=${BENCH_N:-8192,16384}; W=${BENCH_W:-2048,0}; D=${BENCH_D:-128}
+    N=${BENCH_N:-2048,4096,8192,16384,32768,65536}; W=${BENCH_W:-512,2048,0}; D=${BENCH_D:-128}
     TAG=${TAG:-d${D}}
     echo "== bench $TAG: N=$N w=$W D=$D peers=${BENCH_PEERS:-flash,cudnn,flex}"
     mkdir -p /tmp/dma_dump
