@@ -82,7 +82,8 @@ TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins 
   REQUIRE(worker.wait_idle(120));
 
   frame(st, -1000, -1000);
-  frame(st, -1000, -1000);
+  for (int n = 0; n < 20 && st.builds_pending; ++n) frame(st, -1000, -1000);
+  CHECK_FALSE(st.builds_pending);
   REQUIRE(st.snap.get() != nullptr);
   REQUIRE(st.snap->error.empty());
   REQUIRE(st.snap->views.get() != nullptr);
@@ -133,6 +134,17 @@ TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins 
     frame(st, -1000, -1000);
     CHECK_FALSE(st.view.hover.has_value());
     CHECK(st.view.pinned.has_value());  // stays for the bar plot
+  }
+
+  SUBCASE("a tiny build budget spreads the thumbnails over frames") {
+    st.view.kind = ViewKind::mask;
+    st.build_budget_ms = 0.0;  // a frame builds one thumbnail (and the large view, always)
+    frame(st, -1000, -1000);
+    CHECK(st.builds_pending);
+    CHECK(textures.uploads == 5 + 2);
+    for (int n = 0; n < 3; ++n) frame(st, -1000, -1000);
+    CHECK_FALSE(st.builds_pending);
+    CHECK(textures.uploads == 5 + 5);
   }
 
   SUBCASE("every view draws for every head") {

@@ -2,6 +2,7 @@
 // bar, and owns the texture cache the panels share.
 #include <imgui.h>
 
+#include <chrono>
 #include <cstdio>
 
 #include "format.hpp"
@@ -45,31 +46,68 @@ const HeadMatrix& large_matrix(InspectorState& st, int hq) {
   return st.large;
 }
 
-const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
-                                   const std::string& key, int64_t rows, int64_t cols, float px_w,
-                                   float px_h, const std::function<HeadMatrix()>& make) {
-  TextureSlot& t = st.slots[slot];
-  const int64_t fr = downsample_factor(rows, static_cast<int64_t>(px_h));
-  const int64_t fc = downsample_factor(cols, static_cast<int64_t>(px_w));
+namespace {
+
+std::string factor_key(const std::string& key, int64_t fr, int64_t fc) {
   char suffix[48];
   std::snprintf(suffix, sizeof suffix, " f%lldx%lld", static_cast<long long>(fr),
                 static_cast<long long>(fc));
-  const std::string full_key = key + suffix;
-  if (t.key == full_key) return t;
-  const HeadMatrix m = make();
+  return key + suffix;
+}
+
+void build_texture(InspectorState& st, TextureSlot& t, const std::string& full_key,
+                   const HeadMatrix& m, int64_t fr, int64_t fc) {
+  t.key = full_key;
   if (!m.valid) {
-    t.key = full_key;
     t.width = t.height = 0;
-    return t;
+    return;
   }
   const Downsampled d = downsample(m.view(), m.last_allowed, fr, fc, m.reduce);
   const Image img = colorize(d, m.map, m.range.lo, m.range.hi);
   t.id = st.textures->upload(t.id, img);
-  t.key = full_key;
   t.width = img.width;
   t.height = img.height;
   t.factor_r = fr;
   t.factor_c = fc;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
+                                   const std::string& key, int64_t rows, int64_t cols, float px_w,
+                                   float px_h, const std::function<HeadMatrix()>& make,
+                                   bool urgent) {
+  TextureSlot& t = st.slots[slot];
+  const int64_t fr = downsample_factor(rows, static_cast<int64_t>(px_h));
+  const int64_t fc = downsample_factor(cols, static_cast<int64_t>(px_w));
+  const std::string full_key = factor_key(key, fr, fc);
+  if (t.key == full_key) return t;
+  if (!urgent && st.build_spent_ms > st.build_budget_ms) {  // ">": one build per frame at least
+    st.builds_pending = true;
+    return t;  // the old picture (or none yet) for now
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  build_texture(st, t, full_key, make(), fr, fc);
+  st.build_spent_ms += ms_since(t0);
+  return t;
+}
+
+const TextureSlot& matrix_texture(InspectorState& st, const std::string& slot,
+                                  const std::string& key, float px_w, float px_h,
+                                  const HeadMatrix& m) {
+  TextureSlot& t = st.slots[slot];
+  const int64_t fr = downsample_factor(m.rows, static_cast<int64_t>(px_h));
+  const int64_t fc = downsample_factor(m.cols, static_cast<int64_t>(px_w));
+  const std::string full_key = factor_key(key, fr, fc);
+  if (t.key != full_key) {
+    const auto t0 = std::chrono::steady_clock::now();
+    build_texture(st, t, full_key, m, fr, fc);
+    st.build_spent_ms += ms_since(t0);
+  }
   return t;
 }
 
@@ -118,6 +156,8 @@ void draw_inspector(InspectorState& st) {
   st.status = st.worker->status();
   st.view.preview_head = -1;
   st.view.hover.reset();
+  st.build_spent_ms = 0;
+  st.builds_pending = false;
 
   const ImGuiViewport* vp = ImGui::GetMainViewport();
   ImGui::SetNextWindowPos(vp->WorkPos);

@@ -68,6 +68,10 @@ struct InspectorState {
 
   ViewState view;
   std::map<std::string, TextureSlot> slots;
+  // Rebuilding textures costs tens of ms per head at Lk = 2048, so a frame spends at most this
+  // much on thumbnails; the rest wait for the next frames (showing their old picture meanwhile).
+  double build_budget_ms = 20.0, build_spent_ms = 0.0;
+  bool builds_pending = false;  // some texture waits: the platform keeps drawing frames
   std::string large_key;  // the large view's matrix, kept for tooltips, export and the bar plot
   HeadMatrix large;
 

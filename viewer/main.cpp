@@ -202,17 +202,19 @@ int main(int argc, char** argv) {
     worker.request(p);
 
     int counted = 0, quiet_frames = 0;
-    double counted_seconds = 0, first_frame_s = 0;
+    double counted_seconds = 0, slowest_s = 0;
     const auto start = std::chrono::steady_clock::now();
     while (!glfwWindowShouldClose(win)) {
       // Idle policy: poll while something moves (a job, live timing, headless); after input,
       // draw a few more frames so hover states settle; then sleep until the next event.
       // Headless runs wait for the first result without spinning (the worker needs the CPU).
       const dv::WorkerStatus ws = worker.status();
-      const bool animating = ws.busy || !ws.stage.empty() || worker.live();
+      const bool animating = ws.busy || !ws.stage.empty() || worker.live() || st.builds_pending;
       if (headless) {
         if (ws.busy) glfwWaitEventsTimeout(0.05);
         else glfwPollEvents();
+      } else if (st.builds_pending) {
+        glfwPollEvents();  // textures still to build: draw the next frame at once
       } else if (animating) {
         glfwWaitEventsTimeout(1.0 / 30.0);  // the progress bar moves
       } else if (quiet_frames < 2 || ImGui::IsAnyItemActive()) {
@@ -244,12 +246,12 @@ int main(int argc, char** argv) {
         st.message = (ok ? "wrote " : "cannot write ") + st.screenshot_request;
         st.screenshot_request.clear();
       }
+      if (st.snap && st.snap->views && !ws.busy) slowest_s = std::max(slowest_s, frame_s);
       if (headless) {
         // Count frames only once the first result (and its timings) is on screen.
         const dv::WorkerStatus now = worker.status();
-        if (!now.busy && st.snap && st.snap->params == st.params) {
+        if (!now.busy && !st.builds_pending && st.snap && st.snap->params == st.params) {
           ++counted;
-          if (counted == 1) first_frame_s = frame_s;   // builds every texture of the result
           if (counted > 2) counted_seconds += frame_s;
         }
         if (counted >= frames) {
@@ -259,9 +261,9 @@ int main(int argc, char** argv) {
           }
           if (counted > 2)
             std::printf("dma_inspector: %d frames, mean frame time %.2f ms (%.0f fps possible); "
-                        "the first frame of the result (textures built) took %.1f ms\n",
+                        "the slowest frame with the worker idle (textures built) took %.1f ms\n",
                         counted - 2, 1e3 * counted_seconds / (counted - 2),
-                        (counted - 2) / std::max(counted_seconds, 1e-9), 1e3 * first_frame_s);
+                        (counted - 2) / std::max(counted_seconds, 1e-9), 1e3 * slowest_s);
           if (st.snap && !st.snap->error.empty())
             std::printf("dma_inspector: the result holds an error: %s\n", st.snap->error.c_str());
           glfwSwapBuffers(win);

@@ -219,8 +219,7 @@ void panel_head_view(InspectorState& st, float bars_height) {
   vs.image_rect = img;
   if (img.w < 8 || img.h < 8) return;
 
-  const TextureSlot& tex = heatmap_texture(st, "large", st.large_key, m.rows, m.cols, img.w, img.h,
-                                           [&] { return m; });
+  const TextureSlot& tex = matrix_texture(st, "large", st.large_key, img.w, img.h, m);
   ImDrawList* dl = ImGui::GetWindowDrawList();
   ImGui::SetCursorScreenPos(vec(img.x, img.y));
   ImGui::InvisibleButton("heatmap", vec(img.w, img.h));

@@ -26,10 +26,16 @@ void panel_export(InspectorState& st);
 void help_marker(const char* text);  // "(?)" with a tooltip, as in the Dear ImGui demo
 ImU32 to_imu32(const Rgba& c, float alpha = 1.0f);
 // The texture of `slot` for a rows x cols matrix drawn on px_w x px_h pixels, max-downsampled by
-// integer factors; rebuilt from make() only when `key` or the factors change.
+// integer factors; rebuilt from make() only when `key` or the factors change. Unless urgent, a
+// rebuild waits for a later frame once this frame's build budget is spent.
 const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
                                    const std::string& key, int64_t rows, int64_t cols, float px_w,
-                                   float px_h, const std::function<HeadMatrix()>& make);
+                                   float px_h, const std::function<HeadMatrix()>& make,
+                                   bool urgent = false);
+// The same for a matrix already at hand (the large view's), built at once.
+const TextureSlot& matrix_texture(InspectorState& st, const std::string& slot,
+                                  const std::string& key, float px_w, float px_h,
+                                  const HeadMatrix& m);
 std::string matrix_key(const InspectorState& st, ViewKind kind, int head);
 // The large view's matrix for head hq, cached in st.large.
 const HeadMatrix& large_matrix(InspectorState& st, int hq);
