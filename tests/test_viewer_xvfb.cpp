@@ -1,6 +1,7 @@
 // Runs the real dma_inspector headless under xvfb-run and checks the screenshot is not blank.
 //
 //   test_viewer_xvfb INSPECTOR OUT.png [extra inspector arguments...]
+//   test_viewer_xvfb --no-display INSPECTOR     (without a display it must exit 77)
 //
 // Exit 0: the PNG exists, has the window's size and shows a real picture (many colours, no single
 // colour covering nearly everything). Exit 77 (skipped): no xvfb-run, or the inspector found no
@@ -18,6 +19,14 @@ int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: test_viewer_xvfb INSPECTOR OUT.png [args...]\n");
     return 1;
+  }
+  if (std::string(argv[1]) == "--no-display") {
+    const std::string cmd = "env -u DISPLAY -u WAYLAND_DISPLAY '" + std::string(argv[2]) +
+                            "' --frames 1 --screenshot /dev/null";
+    const int status = std::system(cmd.c_str());
+    const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    std::printf("%s: exit %d (want 77)\n%s\n", cmd.c_str(), rc, rc == 77 ? "PASS" : "FAIL");
+    return rc == 77 ? 0 : 1;
   }
   if (std::system("command -v xvfb-run >/dev/null 2>&1") != 0) {
     std::printf("SKIP: xvfb-run not found\n");

@@ -5,6 +5,7 @@
 #                     panels driven in a Dear ImGui context with a fake mouse, no window
 #   viewer_xvfb_*     the real executable under xvfb-run: renders, writes a screenshot, which must
 #                     not be blank (labels gui, xvfb; exit 77 = skipped without xvfb-run)
+#   viewer_no_display without a display the executable exits 77
 add_executable(test_viewer test_viewer_main.cpp test_viewer_pure.cpp test_viewer_panels.cpp)
 target_link_libraries(test_viewer PRIVATE dma_inspector_ui doctest::doctest)
 target_compile_definitions(test_viewer PRIVATE DMA_ASSETS_DIR="${PROJECT_SOURCE_DIR}/assets")
@@ -22,3 +23,6 @@ add_test(NAME viewer_xvfb_random_2048
                  --random --lq 512 --lk 2048 --hq 8 --hkv 2 --window 128 --view mask)
 set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 PROPERTIES
                      LABELS "gui;xvfb" SKIP_RETURN_CODE 77 TIMEOUT 600)
+# Without a display the inspector exits 77 (so that ctest reports GUI runs as skipped there).
+add_test(NAME viewer_no_display COMMAND test_viewer_xvfb --no-display $<TARGET_FILE:dma_inspector>)
+set_tests_properties(viewer_no_display PROPERTIES LABELS "gui" TIMEOUT 60)

@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   CLI::App app{"dma_inspector: a live view of Dynamic Mask Attention per head"};
   std::string in_dir, screenshot, assets_dir, view = "probs", hover;
   int frames = 0, head = 0, width = 1600, height = 1000;
-  bool random = false, non_causal = false;
+  bool random = false, non_causal = false, live = false;
   dv::Params cli;
   int window = 0;
   std::string form;
@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
   app.add_option("--view", view, "Initial view")
       ->check(CLI::IsMember({"probs", "delta", "mask", "ds", "dq", "diff"}));
   app.add_option("--head", head, "Initial locked head");
+  app.add_flag("--live", live, "Start with live timing on (re-times the backends while idle)");
   app.add_option("--hover", hover, "Hover this cell of the large view, QUERY,KEY (for screenshots)");
   app.add_option("--frames", frames, "Render this many frames after the first result, then exit")
       ->check(CLI::Range(1, 100000));
@@ -200,6 +201,7 @@ int main(int argc, char** argv) {
     st.worker = &worker;
     st.textures = &textures;
     worker.request(p);
+    worker.set_live(live);
 
     int counted = 0, quiet_frames = 0;
     double counted_seconds = 0, slowest_s = 0;
