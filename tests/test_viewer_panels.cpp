@@ -267,3 +267,39 @@ TEST_CASE("bf16 rounding: nearest - ties to even - as the CUDA kernels round") {
 }
 
 }  // TEST_SUITE
+
+TEST_SUITE("gui") {
+
+// Runs only where the inspector was built with CUDA and a GPU is present; elsewhere it says why
+// and passes (the stored-bundle test above covers the comparison on machines without a GPU).
+TEST_CASE("live CUDA against the CPU reference on the same bf16-rounded inputs") {
+  Worker worker(nullptr);
+  if (!worker.cuda_available()) {
+    MESSAGE("not run: " << worker.cuda_note());
+    return;
+  }
+  Params p;
+  p.source = Source::random;
+  p.Lq = p.Lk = 256;
+  p.Hq = 4;
+  p.Hkv = 2;
+  p.D = 64;
+  p.window = 32;
+  p.bf16_inputs = true;
+  worker.request(p);
+  REQUIRE(worker.wait_idle(300));
+  const auto snap = worker.snapshot();
+  REQUIRE(snap->error.empty());
+  const BackendRun& cuda = snap->runs[static_cast<int>(BackendId::cuda)];
+  CHECK(cuda.ran);
+  CHECK(cuda.times.total() > 0);
+  REQUIRE(snap->compare.get() != nullptr);
+  CHECK(snap->compare->label.find("CUDA") != std::string::npos);
+  for (const auto& row : snap->compare->rows) {
+    CAPTURE(row.tensor);
+    CHECK(row.rel_l2 <= (row.tensor[0] == 'd' && row.tensor != "delta" ? 2e-2 : 1e-2));
+  }
+  CHECK(snap->compare->evict_mismatches == 0);
+}
+
+}  // TEST_SUITE

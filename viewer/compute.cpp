@@ -568,7 +568,13 @@ void Worker::timing_pass(const Params& prm, uint64_t generation, bool first) {
           run.note = cuda_note_;
           continue;
         }
-        r = dma::cuda::run_pipeline(p);
+        try {
+          r = dma::cuda::run_pipeline(p);
+        } catch (const std::exception& e) {  // e.g. a head dim the kernels do not support
+          run = BackendRun{};
+          run.note = e.what();
+          continue;
+        }
         if (first) {  // the live CUDA outputs against the CPU reference
           auto c = std::make_shared<Comparison>();
           c->label = "CUDA (bf16, this run)";
