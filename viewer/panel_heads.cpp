@@ -346,7 +346,8 @@ void panel_head_view(InspectorState& st, float bars_height) {
   else
     ImGui::TextDisabled("%lld x %lld, one texel per cell", (long long)m.rows, (long long)m.cols);
   if (!gather_line.empty()) ImGui::TextUnformatted(gather_line.c_str());
-  ImGui::SetCursorScreenPos(vec(origin.x, area.y + area.h + 2 * line));
+  // The bar plot follows right under the image (a wide matrix leaves the space below free).
+  ImGui::SetCursorScreenPos(vec(origin.x, img.y + img.h + 3 + 2 * line));
 }
 
 // ---- delta per key ---------------------------------------------------------------------------
@@ -379,7 +380,7 @@ void panel_delta_bars(InspectorState& st) {
 
   const ImVec2 p = ImGui::GetCursorScreenPos();
   const ImVec2 avail = ImGui::GetContentRegionAvail();
-  Rect plot{p.x, p.y, avail.x - 84.0f, std::max(40.0f, avail.y - 4)};
+  Rect plot{p.x, p.y, avail.x - 84.0f, std::clamp(avail.y - 4, 40.0f, 260.0f)};
   if (key_view && vs.image_rect.w > 0) {  // align the bars under the heatmap's key columns
     plot.x = vs.image_rect.x;
     plot.w = vs.image_rect.w;
