@@ -272,6 +272,8 @@ TEST_SUITE("cuda") {
         {1, 2, 2, 2, 300, 300, 64, 40, true, Form::exp, Precision::bf16, true, true},  // ties
         {1, 3, 1, 3, 1, 500, 128, 64},                                     // one query (decode)
         {1, 2, 2, 2, 65, 129, 64, 129, false},                             // non-causal, w = Lk
+        {1, 18, 9, 18, 50, 90, 128, 16},  // Hd = 18 > 16, Hkv*D = 1152 > 1024: the general
+                                          // dynamic-weights kernels
     };
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }

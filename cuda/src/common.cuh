@@ -46,6 +46,9 @@ template <> struct Elem<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {  // low half -> .x
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+  }
 };
 template <> struct Elem<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -53,6 +56,9 @@ template <> struct Elem<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    return __half22float2(*reinterpret_cast<__half2*>(&u));
+  }
 };
 
 // ---- PTX wrappers -------------------------------------------------------------------------
