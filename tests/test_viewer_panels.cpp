@@ -4,7 +4,9 @@
 #include <doctest/doctest.h>
 #include <imgui.h>
 
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 #include "inspector.hpp"
 
@@ -145,6 +147,20 @@ TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins 
     for (int n = 0; n < 3; ++n) frame(st, -1000, -1000);
     CHECK_FALSE(st.builds_pending);
     CHECK(textures.uploads == 5 + 5);
+  }
+
+  SUBCASE("live timing adds passes while idle - and stops") {
+    CHECK(worker.history()[1].size() == 1);
+    worker.set_live(true);
+    for (int n = 0; n < 100 && worker.history()[1].size() < 3; ++n)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    worker.set_live(false);
+    CHECK(worker.history()[1].size() >= 3);  // tiled dense was timed again
+    REQUIRE(worker.wait_idle(60));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const size_t passes = worker.history()[1].size();
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    CHECK(worker.history()[1].size() <= passes + 1);  // at most the pass that was running
   }
 
   SUBCASE("every view draws for every head") {

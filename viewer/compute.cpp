@@ -371,7 +371,10 @@ void Worker::rerun_timings() {
 }
 
 void Worker::set_live(bool live) {
-  live_ = live;
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // so the worker cannot miss the change while waiting
+    live_ = live;
+  }
   cv_.notify_all();
 }
 
@@ -422,11 +425,11 @@ void Worker::loop() {
     bool new_job = false, timing = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      // Sleep until there is a new request, a timing re-run, or live timing is on. While idle and
-      // not live this thread uses no CPU at all.
-      cv_.wait_for(lock, std::chrono::milliseconds(live_ ? 250 : 60000), [&] {
-        return stop_ || (has_request_ && generation_ != done_generation) || rerun_;
-      });
+      // Sleep until there is a new request or a timing re-run; while live, at most 250 ms between
+      // timing passes. Idle and not live, this thread uses no CPU at all.
+      auto news = [&] { return stop_ || (has_request_ && generation_ != done_generation) || rerun_; };
+      if (live_) cv_.wait_for(lock, std::chrono::milliseconds(250), news);
+      else cv_.wait(lock, [&] { return news() || live_; });
       if (stop_) return;
       generation = generation_;
       p = requested_;

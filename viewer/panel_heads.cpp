@@ -44,7 +44,11 @@ void key_columns(ImDrawList* dl, const Rect& img, const HeadMatrix& m,
 
 void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) {
   const float bar_w = 14.0f;
-  const int steps = 48;
+  if (m.binary) {  // two swatches, no gradient: there is nothing in between
+    dl->AddRectFilled(vec(x, y), vec(x + bar_w, y + h * 0.5f), to_imu32(viridis(1.0f)));
+    dl->AddRectFilled(vec(x, y + h * 0.5f), vec(x + bar_w, y + h), to_imu32(viridis(0.0f)));
+  }
+  const int steps = m.binary ? 0 : 48;
   for (int i = 0; i < steps; ++i) {
     // Top is the high end.
     const float t0 = 1.0f - static_cast<float>(i) / steps, t1 = 1.0f - static_cast<float>(i + 1) / steps;
@@ -62,9 +66,9 @@ void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) 
     std::snprintf(buf, sizeof buf, "%s%.3g", prefix, static_cast<double>(value));
     dl->AddText(vec(x + bar_w + 4, ly - 6), text, buf);
   };
-  if (m.title == view_label(ViewKind::mask)) {
-    dl->AddText(vec(x + bar_w + 4, y), text, "kept");
-    dl->AddText(vec(x + bar_w + 4, y + h - 12), text, "dropped");
+  if (m.binary) {
+    dl->AddText(vec(x + bar_w + 4, y + h * 0.25f - 6), text, "kept");
+    dl->AddText(vec(x + bar_w + 4, y + h * 0.75f - 6), text, "dropped");
   } else {
     // A clipped range says so: the end colours stand for everything beyond.
     const bool sym = m.map == ColorMap::diverging;
@@ -76,6 +80,7 @@ void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) 
     const float ly = y + h + 8;
     dl->AddRectFilled(vec(x, ly), vec(x + 10, ly + 10), to_imu32(kCausalGrey));
     dl->AddText(vec(x + 14, ly - 2), text, "causal");
+    if (m.binary) return;  // the mask shows dropped cells with a colour of its own
     dl->AddRectFilled(vec(x, ly + 16), vec(x + 10, ly + 26), to_imu32(kDroppedDark));
     dl->AddRect(vec(x, ly + 16), vec(x + 10, ly + 26), IM_COL32(120, 120, 120, 255));
     dl->AddText(vec(x + 14, ly + 14), text, "dropped");

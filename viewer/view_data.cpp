@@ -208,6 +208,7 @@ HeadMatrix head_matrix(const Views& v, const Comparison* cmp, ViewKind kind, Dif
   if (kind == ViewKind::mask) {
     m.range = {0, 1};
     m.clipped = false;
+    m.binary = true;
   }
   if (kind == ViewKind::probs && !log_scale) m.range.lo = 0;
   return m;

@@ -33,6 +33,7 @@ struct HeadMatrix {
   // symmetric diverging map), so a handful of extreme cells does not wash out the rest.
   Range range;
   bool clipped = false;           // some values lie beyond the range (drawn at its end colour)
+  bool binary = false;            // kept / dropped only (the mask)
   MatrixView view() const { return {values.data(), rows, cols, cols}; }
 };
 
