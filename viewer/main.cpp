@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
   std::string form;
   app.add_option("--in", in_dir, "Open a bundle folder (the dma_run layout)");
   app.add_flag("--random", random, "Start on random inputs (see the shape options)");
+  app.add_option("--batch", cli.B, "Random inputs: batch size")->check(CLI::Range(1, 4));
   app.add_option("--lq", cli.Lq, "Random inputs: queries")->check(CLI::Range(1, 4096));
   app.add_option("--lk", cli.Lk, "Random inputs: keys")->check(CLI::Range(1, 4096));
   app.add_option("--hq", cli.Hq, "Random inputs: query heads")->check(CLI::Range(1, 16));
