@@ -119,6 +119,7 @@ CASES = [
     ("odd lengths", (1, 3, 1, 3, 31, 37, 5), 7, True, "linear", None),
     ("d=128", (1, 2, 1, 1, 33, 40, 128), 9, True, "exp", None),
     ("d=64 non-causal", (1, 2, 2, 2, 20, 20, 64), 20, False, "exp", "no_do"),
+    ("non-causal lq>lk", (1, 2, 1, 1, 24, 9, 8), 4, False, "linear", None),
 ]
 
 
@@ -154,6 +155,8 @@ def run_case(dma_run, tmp, rng, case):
             if got.shape != ref.shape:
                 failures.append(f"{backend}: {tensor_name} shape {got.shape} != {ref.shape}")
             elif tensor_name in ("evict", "mask"):
+                if got.dtype != ref.dtype:
+                    failures.append(f"{backend}: {tensor_name} dtype {got.dtype}, expected {ref.dtype}")
                 if not np.array_equal(got, ref):
                     failures.append(f"{backend}: {tensor_name} differs")
             else:

@@ -1,6 +1,7 @@
 // dma_run end to end: the bundle contract of DESIGN.md §4, through the real executable.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -99,7 +100,8 @@ TEST_SUITE("dma_run") {
     CHECK(npy_to_float<double>(out.arrays.at("da"), "da") == want.da);
     CHECK(make_npy(want.evict, {s.B, s.Hd, s.Lk}).data == out.arrays.at("evict").data);
     CHECK(out.has("q"));  // the inputs travel with the outputs
-    CHECK(!fs::exists(tmp / "out.tmp"));
+    for (const auto& entry : fs::directory_iterator(tmp.dir))  // no temporary folder left
+      CHECK_MESSAGE(entry.path().filename().string()[0] != '.', entry.path().string());
   }
 
   TEST_CASE("float32 in and float32 out and the tiled backend agrees with the reference") {
@@ -230,6 +232,50 @@ TEST_SUITE("dma_run") {
     CHECK(!fs::exists(tmp / "out"));
   }
 
+  TEST_CASE("special files as inputs and outputs that overflow float32") {
+    Scratch tmp;
+    const Problem<float> good = random_problem<float>(kShape, make_options(4), test_seed() + 7);
+    write_problem(tmp / "in", good);
+    // a folder where a tensor file should be, and a FIFO (which would block a naive reader)
+    fs::copy(tmp / "in", tmp / "dir_q");
+    fs::remove(tmp / "dir_q/q.npy");
+    fs::create_directories(tmp / "dir_q/q.npy");
+    Run r = dma_run(tmp, "--in " + (tmp / "dir_q") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("q.npy: not a regular file") != std::string::npos);
+    fs::copy(tmp / "in", tmp / "fifo_do");
+    fs::remove(tmp / "fifo_do/do.npy");
+    REQUIRE(mkfifo((tmp / "fifo_do/do.npy").c_str(), 0600) == 0);
+    r = dma_run(tmp, "--in " + (tmp / "fifo_do") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("do.npy: not a regular file") != std::string::npos);
+    // finite float32 inputs whose computation overflows: a named error, never a silent NaN
+    r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "x") + " --window 4 --scale 1e39");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("scale") != std::string::npos);
+    Problem<float> hot = good;
+    for (auto& x : hot.q) x = 1e20f;
+    for (auto& x : hot.k) x = 1e20f;
+    write_problem(tmp / "hot", hot);
+    r = dma_run(tmp, "--in " + (tmp / "hot") + " --out " + (tmp / "x") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("is not finite: the computation overflowed float32") != std::string::npos);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(!fs::exists(tmp / "x"));
+  }
+
+  TEST_CASE("re-running an output bundle uses its delta as given and says so") {
+    Scratch tmp;
+    write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 8));
+    REQUIRE(dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "first") + " --window 4").code == 0);
+    const Run r = dma_run(tmp, "--in " + (tmp / "first") + " --out " + (tmp / "second") + " --window 4");
+    REQUIRE(r.code == 0);
+    CHECK(r.out.find("delta.npy is given, so w_dt and a are ignored") != std::string::npos);
+    const Bundle first = read_bundle(tmp / "first"), second = read_bundle(tmp / "second");
+    CHECK(!second.has("dw_dt"));
+    CHECK(first.arrays.at("o").data == second.arrays.at("o").data);  // same delta, same forward
+  }
+
   TEST_CASE("the output folder is refused when it holds other files or cannot be written") {
     Scratch tmp;
     write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 5));
@@ -239,6 +285,17 @@ TEST_SUITE("dma_run") {
     CHECK(r.code == 2);
     CHECK(r.err.find("not empty and not a bundle") != std::string::npos);
     CHECK(slurp(tmp / "precious/notes.txt") == "keep me");
+    // a folder of other .npy files is not a bundle either
+    fs::create_directories(tmp / "weights");
+    fs::copy(tmp / "in/q.npy", tmp / "weights/embeddings.npy");
+    r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "weights") + " --window 4");
+    CHECK(r.code == 2);
+    CHECK(r.err.find("holds 'embeddings.npy'") != std::string::npos);
+    CHECK(fs::exists(tmp / "weights/embeddings.npy"));
+    // a folder that cannot be created, even by root
+    r = dma_run(tmp, "--in " + (tmp / "in") + " --out /sys/dma_out --window 4");
+    CHECK(r.code == 2);
+    CHECK(count_lines(r.err) == 1);
     r = dma_run(tmp, "--in " + (tmp / "in") + " --out /nonexistent/dir/out --window 4");
     CHECK(r.code == 2);
     CHECK(count_lines(r.err) == 1);

@@ -55,6 +55,7 @@ TEST_SUITE("cpu") {
         {make_shape(1, 2, 2, 2, 12, 12, 4), 64, true, false}, // w >= Lk
         {make_shape(2, 2, 1, 1, 7, 19, 4), 6, false, false},  // non-causal
         {make_shape(1, 1, 1, 1, 11, 29, 4), 3, false, true},  // non-causal with ties
+        {make_shape(1, 2, 1, 2, 30, 12, 4), 5, false, false}, // non-causal with Lq > Lk
         {make_shape(1, 1, 1, 1, 1, 1, 4), 1, true, false},    // a single key
     };
     for (const MaskCase& c : cases) {

@@ -129,6 +129,8 @@ TEST_SUITE("robustness") {
     if (fw.evict == dw.evict) {
       CHECK(max_rel_error(fw.dw_dt, dw.dw_dt) <= 1e-2);
       CHECK(max_rel_error(fw.da, dw.da) <= 1e-2);
+    } else {
+      MESSAGE("float32 and float64 deltas ranked a near-tie differently: dw_dt, da not compared");
     }
   }
 }

@@ -49,6 +49,7 @@ TEST_SUITE("cpu") {
         {make_shape(1, 2, 1, 1, 21, 21, 4), make_options(64), 8, 8},          // w >= Lk
         {make_shape(1, 2, 2, 2, 17, 33, 6), make_options(6, false), 8, 8},    // non-causal
         {make_shape(1, 1, 1, 1, 40, 40, 4), make_options(6, true, Form::linear), 7, 9},
+        {make_shape(1, 2, 1, 1, 25, 10, 4), make_options(4, false), 8, 4},   // non-causal, Lq > Lk
     };
     uint64_t seed = test_seed();
     for (const Case& c : cases) {

@@ -71,7 +71,7 @@ TEST_SUITE("validation") {
     CHECK(error_of(p) == "w_dt[0,5] is inf (inputs must be finite)");
     p = good();
     p.a[1] = -std::numeric_limits<double>::infinity();
-    CHECK(contains(error_of(p), "a[1] is inf"));
+    CHECK(contains(error_of(p), "a[1] is -inf"));
     p = good();
     p.dout[0] = std::numeric_limits<double>::quiet_NaN();
     CHECK(contains(error_of(p), "do[0,0,0,0] is nan"));

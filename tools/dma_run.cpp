@@ -30,7 +30,8 @@ struct BackendUnavailable : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The output bundle holds the inputs too, so it can be inspected or re-run on its own.
+// The output bundle holds the inputs too, so it can be inspected on its own. Re-run, its delta.npy
+// counts as given (DESIGN.md §4): dma_run then says so.
 dma::Bundle inputs_of(const dma::Bundle& in) {
   dma::Bundle out;
   for (const char* name : {"q", "k", "v", "w_dt", "a", "do", "delta"})
@@ -117,7 +118,9 @@ int main(int argc, char** argv) {
     if (args.scale == 0 && app.count("--scale"))
       throw dma::Error("--scale: 0 (must be > 0)");
     opt.scale = args.scale;
-    const dma::Bundle in = dma::read_bundle(args.in);
+    const dma::Bundle in = dma::read_bundle(args.in, /*with_outputs=*/false);
+    if (in.has("delta") && (in.has("w_dt") || in.has("a")))  // e.g. re-running an output bundle
+      std::printf("dma_run: delta.npy is given, so w_dt and a are ignored and dw_dt, da are not written\n");
     if (args.backend == "cuda")
       run_cuda(args, in, opt);
     else if (dma::bundle_float_type(in) == dma::DType::f64)

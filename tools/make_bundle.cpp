@@ -61,8 +61,14 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     dma::validate_shape(s, false);
-    if (s.Lq * s.Hq * s.D > (int64_t{1} << 28) || s.Lk * s.Hkv * s.D > (int64_t{1} << 28))
-      throw dma::Error("shape: too large for an example bundle");
+    // at most 2^28 elements per tensor (checked factor by factor, so nothing overflows)
+    auto too_big = [](std::initializer_list<int64_t> dims) {
+      double n = 1;
+      for (int64_t d : dims) n *= static_cast<double>(d);
+      return n > double(int64_t{1} << 28);
+    };
+    if (too_big({s.B, s.Hq, s.Lq, s.D}) || too_big({s.B, s.Hkv, s.Lk, s.D}))
+      throw dma::Error("shape: more than 2^28 elements in one tensor; too large for an example bundle");
     const dma::Bundle b = dtype == "float64" ? random_bundle<double>(s, seed, !no_do)
                                              : random_bundle<float>(s, seed, !no_do);
     dma::write_bundle(out, b);

@@ -1,6 +1,8 @@
 // Bundles: folders of .npy tensors (DESIGN.md §4), read whole and written atomically.
 #include "dma/bundle.hpp"
 
+#include "dma/validate.hpp"
+
 #include <filesystem>
 #include <system_error>
 #include <unistd.h>
@@ -40,18 +42,29 @@ void expect_shape(const NpyArray& a, const std::vector<int64_t>& shape, const st
 
 }  // namespace
 
-Bundle read_bundle(const std::string& dir) {
+bool is_bundle_file(const fs::path& file) {
+  if (file.extension() != ".npy") return false;
+  const std::string stem = file.stem().string();
+  for (const char* name : kInputNames)
+    if (stem == name) return true;
+  for (const char* name : kOutputNames)
+    if (stem == name) return true;
+  return false;
+}
+
+Bundle read_bundle(const std::string& dir, bool with_outputs) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) throw Error(dir + ": not a bundle folder (does not exist or is not a directory)");
   Bundle b;
-  for (const char* name : kInputNames) {
+  auto read_if_there = [&](const char* name) {
     const fs::path file = fs::path(dir) / (std::string(name) + ".npy");
-    if (fs::exists(file, ec)) b.arrays.emplace(name, read_npy(file.string()));
-  }
-  for (const char* name : kOutputNames) {
-    const fs::path file = fs::path(dir) / (std::string(name) + ".npy");
-    if (fs::exists(file, ec)) b.arrays.emplace(name, read_npy(file.string()));
-  }
+    // symlink_status: a dangling link or an unreadable entry is reported, not taken as missing
+    if (fs::symlink_status(file, ec).type() != fs::file_type::not_found)
+      b.arrays.emplace(name, read_npy(file.string()));
+  };
+  for (const char* name : kInputNames) read_if_there(name);
+  if (with_outputs)
+    for (const char* name : kOutputNames) read_if_there(name);
   for (const char* name : {"q", "k", "v"}) get(b, name);
   if (!b.has("delta")) {
     get(b, "w_dt");
@@ -82,6 +95,8 @@ Problem<T> problem_from_bundle(const Bundle& b, const Options& opt) {
   Shape& s = p.shape;
   s.B = q.shape[0]; s.Hq = q.shape[1]; s.Lq = q.shape[2]; s.D = q.shape[3];
   s.Hkv = k.shape[1]; s.Lk = k.shape[2];
+  s.Hd = s.Hkv;  // checked again below, once Hd is known
+  validate_shape(s, opt.causal);  // every dimension >= 1 before any product of them is formed
   expect_shape(k, {s.B, s.Hkv, s.Lk, s.D}, "k", "(B, Hkv, Lk, D)");
   expect_shape(get(b, "v"), {s.B, s.Hkv, s.Lk, s.D}, "v", "(B, Hkv, Lk, D)");
   if (b.has("delta")) {
@@ -141,8 +156,9 @@ void write_bundle(const std::string& out_dir, const Bundle& b) {
   if (fs::exists(target, ec)) {
     if (!fs::is_directory(target, ec))
       throw Error(out_dir + ": exists and is not a folder; refusing to replace it");
+    // Replace only what is recognisably an old bundle: every entry one of its tensor files.
     for (const auto& entry : fs::directory_iterator(target, ec))
-      if (entry.path().extension() != ".npy")
+      if (!is_bundle_file(entry.path()))
         throw Error(out_dir + ": is not empty and not a bundle (holds '" +
                     entry.path().filename().string() + "'); refusing to replace it");
   }
@@ -164,8 +180,9 @@ void write_bundle(const std::string& out_dir, const Bundle& b) {
     }
     fs::rename(tmp, target, ec);
     if (ec) {
+      const std::string why = ec.message();
       if (had_old) fs::rename(old, target, ec);
-      throw Error(out_dir + ": cannot rename the new bundle into place");
+      throw Error(out_dir + ": cannot rename the new bundle into place (" + why + ")");
     }
     if (had_old) fs::remove_all(old, ec);
   } catch (...) {

@@ -5,6 +5,7 @@
 #include "dma/npy.hpp"
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
@@ -158,6 +159,8 @@ NpyArray parse_npy(const unsigned char* bytes, size_t size, const std::string& n
   // The size the header claims, checked for overflow and against the file before allocating.
   const size_t available = size - data_at;
   size_t expected = dtype_size(a.dtype);
+  for (int64_t d : a.shape)
+    if (d == 0) expected = 0;  // an empty array: the caller names the empty dimension
   for (int64_t d : a.shape) {
     if (d != 0 && expected > available / static_cast<size_t>(d))
       throw Error(name + ": header claims more data than the file holds (" +
@@ -172,6 +175,11 @@ NpyArray parse_npy(const unsigned char* bytes, size_t size, const std::string& n
 }
 
 NpyArray read_npy(const std::string& path) {
+  std::error_code ec;
+  const auto type = std::filesystem::status(path, ec).type();
+  if (type == std::filesystem::file_type::not_found) throw Error(path + ": no such file");
+  if (type != std::filesystem::file_type::regular)  // a FIFO would block, a folder has no size
+    throw Error(path + ": not a regular file");
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw Error(path + ": cannot open for reading");
   const std::streamoff size = in.tellg();

@@ -2,6 +2,7 @@
 #include "dma/pipeline.hpp"
 
 #include <chrono>
+#include <cmath>
 
 #include "dma/validate.hpp"
 
@@ -14,6 +15,10 @@ void validate_problem(const Problem<T>& p) {
   const Shape& s = p.shape;
   validate_shape(s, p.opt.causal);
   validate_options(s, p.opt);
+  const T scale = static_cast<T>(p.opt.softmax_scale(s));
+  if (!std::isfinite(scale) || !(scale > 0))
+    throw Error("scale: " + std::to_string(p.opt.softmax_scale(s)) + " is not representable in " +
+                (sizeof(T) == 4 ? "float32" : "float64"));
   const std::vector<int64_t> q_dims{s.B, s.Hq, s.Lq, s.D}, kv_dims{s.B, s.Hkv, s.Lk, s.D};
   validate_numel(p.q, s.q_numel(), "q");
   validate_numel(p.k, s.kv_numel(), "k");
@@ -37,6 +42,34 @@ void validate_problem(const Problem<T>& p) {
 }
 
 namespace {
+
+// Checks that an output is finite: finite inputs can still overflow in float32 (q.k beyond
+// 3e38, a huge scale, the exp form's backward), and a NaN must never leave silently.
+template <typename T>
+void check_output(const std::vector<T>& t, const std::vector<int64_t>& dims, const char* name) {
+  for (size_t n = 0; n < t.size(); ++n)
+    if (!std::isfinite(t[n]))
+      throw Error(std::string(name) + format_index(static_cast<int64_t>(n), dims) +
+                  " is not finite: the computation overflowed " +
+                  (sizeof(T) == 4 ? "float32 (try float64 inputs)" : "float64") +
+                  "; the inputs are too large");
+}
+
+template <typename T>
+void check_outputs(const Shape& s, const Result<T>& r) {
+  const std::vector<int64_t> q_dims{s.B, s.Hq, s.Lq, s.D}, kv_dims{s.B, s.Hkv, s.Lk, s.D};
+  check_output(r.fwd.o, q_dims, "o");
+  check_output(r.fwd.lse, {s.B, s.Hq, s.Lq}, "lse");
+  check_output(r.grads.dq, q_dims, "dq");
+  check_output(r.grads.dk, kv_dims, "dk");
+  check_output(r.grads.dv, kv_dims, "dv");
+  check_output(r.grads.ddelta, {s.B, s.Hd, s.Lk}, "ddelta");
+  check_output(r.dw_dt, {s.Hd, s.Hkv * s.D}, "dw_dt");
+  check_output(r.da, {s.Hd}, "da");
+}
+
+// The scalar reference works on the explicit (B,Hd,Lq,Lk) mask; beyond this it is the wrong tool.
+constexpr int64_t kMaxReferenceMask = int64_t{1} << 31;
 
 // Runs f and adds its wall-clock time in milliseconds to ms.
 template <typename F>
@@ -64,6 +97,9 @@ Result<T> run_pipeline(const Problem<T>& p, Backend backend, const TileConfig& t
   // 2. the mask: eviction positions always (the output `evict`), the explicit mask for the
   //    reference (which is written the obvious way) or when asked for
   r.evict = timed(r.times.mask, [&] { return evict_positions(s, p.opt.window, r.delta); });
+  if (backend == Backend::cpu && s.mask_numel() > kMaxReferenceMask)
+    throw Error("shape: the cpu backend's explicit mask would hold " + std::to_string(s.mask_numel()) +
+                " entries (B*Hd*Lq*Lk > 2^31); use the tiled backend");
   if (backend == Backend::cpu || want_mask)
     r.mask = timed(r.times.mask, [&] { return explicit_mask(s, p.opt, r.delta); });
 
@@ -73,7 +109,10 @@ Result<T> run_pipeline(const Problem<T>& p, Backend backend, const TileConfig& t
                ? reference_forward(s, p.opt, p.q, p.k, p.v, r.delta, r.mask)
                : tiled_forward(s, p.opt, tc, p.q, p.k, p.v, r.delta, r.evict, &r.fwd_counters);
   });
-  if (!p.has_backward()) return r;
+  if (!p.has_backward()) {
+    check_outputs(s, r);
+    return r;
+  }
 
   // 4. backward of the attention, then of the dynamic weights
   r.grads = timed(r.times.backward, [&] {
@@ -90,6 +129,7 @@ Result<T> run_pipeline(const Problem<T>& p, Backend backend, const TileConfig& t
     r.dw_dt = std::move(dw.dw_dt);
     r.da = std::move(dw.da);
   }
+  check_outputs(s, r);
   return r;
 }
 

@@ -71,6 +71,7 @@ AttentionGrads<T> reference_backward(const Shape& s, const Options& opt, const s
   // q, do are (B,Hq,Lq,D); k, v are (B,Hkv,Lk,D); delta is (B,Hd,Lk); mask is (B,Hd,Lq,Lk)
   // dq is (B,Hq,Lq,D); dk, dv are (B,Hkv,Lk,D); ddelta is (B,Hd,Lk); ds (optional) (B,Hq,Lq,Lk)
   const T scale = static_cast<T>(opt.softmax_scale(s));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   AttentionGrads<T> g;
   g.dq.assign(s.q_numel(), T(0));
   g.dk.assign(s.kv_numel(), T(0));
@@ -95,8 +96,8 @@ AttentionGrads<T> reference_backward(const Shape& s, const Options& opt, const s
         for (int64_t d = 0; d < s.D; ++d) D_i += do_bhi[d] * o_bhi[d];
 
         for (int64_t j = 0; j < s.Lk; ++j) {
-          // A masked pair has p_ij = 0, hence ds_ij = 0: it contributes nothing to any gradient.
-          if (!mask_bhi[j]) continue;
+          // Masked pairs are computed too, on purpose: their logit is -inf, so p_ij = 0 and
+          // ds_ij = 0 exactly, and all they add below is +0. That is why skipping them is exact.
           const T* k_bhj = &k[((b * s.Hkv + hk) * s.Lk + j) * s.D];
           const T* v_bhj = &v[((b * s.Hkv + hk) * s.Lk + j) * s.D];
           T* dk_bhj = &g.dk[((b * s.Hkv + hk) * s.Lk + j) * s.D];
@@ -105,7 +106,8 @@ AttentionGrads<T> reference_backward(const Shape& s, const Options& opt, const s
           // recompute the forward's p_ij = exp(s_ij - lse_i) from the saved lse
           T qk = 0;
           for (int64_t d = 0; d < s.D; ++d) qk += q_bhi[d] * k_bhj[d];
-          const T p = std::exp(scale * qk + delta_bh[j] - fwd.lse[row]);
+          const T s_ij = mask_bhi[j] ? scale * qk + delta_bh[j] : neg_inf;
+          const T p = std::exp(s_ij - fwd.lse[row]);
 
           // o_i = sum_j p_ij v_j            ->  dv_j += p_ij do_i,  dp_ij = do_i . v_j
           T dp = 0;

@@ -37,7 +37,7 @@ void validate_options(const Shape&, const Options& opt) {
   if (opt.window < 1)
     throw Error("window: w = " + std::to_string(opt.window) + " (must be >= 1)");
   if (!std::isfinite(opt.scale) || opt.scale < 0)
-    throw Error("scale: " + std::to_string(opt.scale) + " (must be finite and > 0)");
+    throw Error("scale: " + std::to_string(opt.scale) + " (must be finite and > 0; 0 means 1/sqrt(D))");
 }
 
 template <typename T>
@@ -53,7 +53,7 @@ void validate_finite(const std::vector<T>& t, const std::vector<int64_t>& dims,
   for (size_t n = 0; n < t.size(); ++n)
     if (!std::isfinite(t[n]))
       throw Error(name + format_index(static_cast<int64_t>(n), dims) + " is " +
-                  (std::isnan(t[n]) ? "nan" : "inf") + " (inputs must be finite)");
+                  (std::isnan(t[n]) ? "nan" : t[n] > 0 ? "inf" : "-inf") + " (inputs must be finite)");
 }
 
 template void validate_numel(const std::vector<float>&, int64_t, const std::string&);

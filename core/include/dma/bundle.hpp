@@ -17,8 +17,9 @@ struct Bundle {
   bool has(const std::string& name) const { return arrays.count(name) != 0; }
 };
 
-// Reads the known tensor names from dir; a missing required input is a dma::Error.
-Bundle read_bundle(const std::string& dir);
+// Reads the bundle's input tensors from dir (and its outputs, o lse dq ..., when with_outputs);
+// a missing required input or a file that is not a readable .npy is a dma::Error.
+Bundle read_bundle(const std::string& dir, bool with_outputs = true);
 
 // The float type of the bundle's inputs (all float inputs must share it), f32 or f64.
 DType bundle_float_type(const Bundle& b);
