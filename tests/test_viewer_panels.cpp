@@ -55,6 +55,13 @@ void frame(InspectorState& st, float x, float y, bool down = false) {
   ImGui::Render();
 }
 
+// One frame with the wheel turned by `wheel` notches at (x, y).
+void wheel(InspectorState& st, float x, float y, float notches) {
+  ImGui::GetIO().MouseWheel = notches;
+  frame(st, x, y);
+  ImGui::GetIO().MouseWheel = 0;
+}
+
 void click(InspectorState& st, float x, float y) {
   frame(st, x, y, false);
   frame(st, x, y, true);
@@ -161,6 +168,45 @@ TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins 
     const size_t passes = worker.history()[1].size();
     std::this_thread::sleep_for(std::chrono::milliseconds(600));
     CHECK(worker.history()[1].size() <= passes + 1);  // at most the pass that was running
+  }
+
+  SUBCASE("zoom: the wheel zooms around the cursor - right-drag pans - hover maps through") {
+    const dma::Shape& s = st.snap->views->shape;
+    const Rect img = st.view.image_rect;
+    const ImVec2 p = centre(cells_rect(img, s.Lq, s.Lk, 200, 201, 150, 151));
+    wheel(st, p.x, p.y, 3);  // zoom in: 1.25^-3 of the size
+    const Window w = st.view.zoom;
+    CHECK(w.rows() == std::llround(256 / 1.953125));
+    CHECK(w.rows() == w.cols());
+    CHECK(w.r0 <= 200);
+    CHECK(w.r1 > 200);
+    CHECK(w.c0 <= 150);
+    CHECK(w.c1 > 150);
+    frame(st, p.x, p.y);  // the cell under the cursor stays under it
+    REQUIRE(st.view.hover.has_value());
+    CHECK(std::llabs(st.view.hover->row - 200) <= 1);
+    CHECK(std::llabs(st.view.hover->col - 150) <= 1);
+    // Right-drag by a quarter of the image to the left: the window moves right by a quarter.
+    ImGuiIO& io = ImGui::GetIO();
+    io.MouseDown[1] = true;
+    frame(st, p.x, p.y, false);
+    for (int n = 1; n <= 4; ++n) {
+      io.MouseDown[1] = true;
+      frame(st, p.x - n * img.w / 16, p.y, false);
+    }
+    io.MouseDown[1] = false;
+    frame(st, -1000, -1000);
+    const int64_t moved = st.view.zoom.c0 - w.c0;
+    CHECK(std::llabs(moved - std::min<int64_t>(w.cols() / 4, 256 - w.c1)) <= 1);
+    CHECK(st.view.zoom.r0 == w.r0);
+    // Zooming out past the whole matrix shows all of it again.
+    wheel(st, p.x, p.y, -20);
+    CHECK(st.view.zoom == full_window(s.Lq, s.Lk));
+    // Another view of another size starts unzoomed.
+    wheel(st, p.x, p.y, 2);
+    st.view.kind = ViewKind::dq;
+    frame(st, -1000, -1000);
+    CHECK(st.view.zoom == full_window(s.Lq, s.D));
   }
 
   SUBCASE("every view draws for every head") {

@@ -170,6 +170,26 @@ TEST_CASE("hover mapping: screen point <-> cell - whatever the drawn size") {
   }
 }
 
+TEST_CASE("zoom windows: around a point - clamped - at least a few cells - limits relative") {
+  const Window all = full_window(100, 200);
+  const Window in = zoom_window(all, 100, 200, 0.5, 0.5, 0.5);
+  CHECK(in == Window{25, 75, 50, 150});  // the centre stays the centre
+  const Window corner = zoom_window(all, 100, 200, 0.5, 0.0, 0.0);
+  CHECK(corner == Window{0, 50, 0, 100});  // the top-left corner stays put
+  const Window edge = zoom_window(in, 100, 200, 0.5, 1.0, 1.0);
+  CHECK(edge.r1 == 75);
+  CHECK(edge.c1 == 150);
+  CHECK(zoom_window(in, 100, 200, 4.0, 0.3, 0.7) == all);  // out past the whole: the whole
+  const Window tiny = zoom_window(all, 100, 200, 1e-6, 0.5, 0.5);
+  CHECK(tiny.rows() == 4);
+  CHECK(tiny.cols() == 4);
+  CHECK(pan_window(in, 100, 200, -1000, 7) == Window{0, 50, 57, 157});
+  CHECK(pan_window(in, 100, 200, 1000, 1000) == Window{50, 100, 100, 200});
+  // Causal limits of rows 2..4, window cols 1..3: p = 0, 3, 9 -> -1 (none), 2, 2.
+  const int64_t last[] = {0, 1, 0, 3, 9};
+  CHECK(window_limits(last, Window{2, 5, 1, 4}) == std::vector<int64_t>{-1, 2, 2});
+}
+
 TEST_CASE("fit_rect: square cells - inside the space - narrow matrices widened") {
   const Rect avail{10, 20, 800, 600};
   const Rect sq = fit_rect(avail, 256, 256);

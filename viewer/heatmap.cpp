@@ -143,6 +143,39 @@ Rect cells_rect(const Rect& r, int64_t rows, int64_t cols, int64_t r0, int64_t r
           sx * static_cast<float>(c1 - c0), sy * static_cast<float>(r1 - r0)};
 }
 
+Window zoom_window(const Window& w, int64_t rows, int64_t cols, double factor, double u, double v,
+                   int64_t min_cells) {
+  auto axis = [&](int64_t a0, int64_t a1, int64_t n, double at, int64_t* b0, int64_t* b1) {
+    const int64_t len = std::clamp<int64_t>(std::llround(static_cast<double>(a1 - a0) * factor),
+                                            std::min(min_cells, n), n);
+    const double anchor = static_cast<double>(a0) + at * static_cast<double>(a1 - a0);
+    *b0 = std::clamp<int64_t>(std::llround(anchor - at * static_cast<double>(len)), 0, n - len);
+    *b1 = *b0 + len;
+  };
+  Window out;
+  axis(w.r0, w.r1, rows, v, &out.r0, &out.r1);
+  axis(w.c0, w.c1, cols, u, &out.c0, &out.c1);
+  return out;
+}
+
+Window pan_window(const Window& w, int64_t rows, int64_t cols, int64_t dr, int64_t dc) {
+  Window out = w;
+  const int64_t r0 = std::clamp<int64_t>(w.r0 + dr, 0, rows - w.rows());
+  const int64_t c0 = std::clamp<int64_t>(w.c0 + dc, 0, cols - w.cols());
+  out.r0 = r0;
+  out.r1 = r0 + w.rows();
+  out.c0 = c0;
+  out.c1 = c0 + w.cols();
+  return out;
+}
+
+std::vector<int64_t> window_limits(const int64_t* last_allowed, const Window& w) {
+  std::vector<int64_t> out(static_cast<size_t>(w.rows()));
+  for (int64_t r = w.r0; r < w.r1; ++r)
+    out[r - w.r0] = std::max<int64_t>(-1, std::min(last_allowed[r], w.c1 - 1) - w.c0);
+  return out;
+}
+
 Rect fit_rect(const Rect& avail, int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) return {avail.x, avail.y, 0, 0};
   const float aspect = static_cast<float>(cols) / static_cast<float>(rows);

@@ -85,6 +85,28 @@ std::optional<Cell> cell_at(const Rect& r, int64_t rows, int64_t cols, float mx,
 Rect cells_rect(const Rect& r, int64_t rows, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
                 int64_t c1);
 
+// ---- zoom ------------------------------------------------------------------------------------
+
+// The part of a matrix on screen: rows [r0, r1) x cols [c0, c1).
+struct Window {
+  int64_t r0 = 0, r1 = 0, c0 = 0, c1 = 0;
+  int64_t rows() const { return r1 - r0; }
+  int64_t cols() const { return c1 - c0; }
+  bool operator==(const Window& o) const {
+    return r0 == o.r0 && r1 == o.r1 && c0 == o.c0 && c1 == o.c1;
+  }
+};
+inline Window full_window(int64_t rows, int64_t cols) { return {0, rows, 0, cols}; }
+
+// Scales the window by `factor` (< 1 zooms in) on both axes, keeping the data point at fraction
+// (u, v) of it (the cursor) where it is; at least min_cells per axis, clamped inside the matrix.
+Window zoom_window(const Window& w, int64_t rows, int64_t cols, double factor, double u, double v,
+                   int64_t min_cells = 4);
+// Moves the window by (dr, dc) cells, clamped inside the matrix.
+Window pan_window(const Window& w, int64_t rows, int64_t cols, int64_t dr, int64_t dc);
+// The causal limits of the window's rows, relative to its first column (-1: none visible).
+std::vector<int64_t> window_limits(const int64_t* last_allowed, const Window& w);
+
 // The largest rectangle of aspect cols:rows (square cells) that fits `avail`, centred across
 // and top-aligned.
 // A very narrow matrix (rows x D) is widened to at least a quarter of the space.

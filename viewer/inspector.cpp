@@ -55,14 +55,16 @@ std::string factor_key(const std::string& key, int64_t fr, int64_t fc) {
   return key + suffix;
 }
 
+// Downsamples, colours and uploads a matrix (or a window of it, given as a view and its limits).
 void build_texture(InspectorState& st, TextureSlot& t, const std::string& full_key,
-                   const HeadMatrix& m, int64_t fr, int64_t fc) {
+                   const HeadMatrix& m, const MatrixView& view, const int64_t* limits, int64_t fr,
+                   int64_t fc) {
   t.key = full_key;
   if (!m.valid) {
     t.width = t.height = 0;
     return;
   }
-  const Downsampled d = downsample(m.view(), m.last_allowed, fr, fc, m.reduce);
+  const Downsampled d = downsample(view, limits, fr, fc, m.reduce);
   const Image img = colorize(d, m.map, m.range.lo, m.range.hi);
   t.id = st.textures->upload(t.id, img);
   t.width = img.width;
@@ -91,21 +93,28 @@ const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
     return t;  // the old picture (or none yet) for now
   }
   const auto t0 = std::chrono::steady_clock::now();
-  build_texture(st, t, full_key, make(), fr, fc);
+  const HeadMatrix m = make();
+  build_texture(st, t, full_key, m, m.view(), m.last_allowed, fr, fc);
   st.build_spent_ms += ms_since(t0);
   return t;
 }
 
 const TextureSlot& matrix_texture(InspectorState& st, const std::string& slot,
                                   const std::string& key, float px_w, float px_h,
-                                  const HeadMatrix& m) {
+                                  const HeadMatrix& m, const Window& w) {
   TextureSlot& t = st.slots[slot];
-  const int64_t fr = downsample_factor(m.rows, static_cast<int64_t>(px_h));
-  const int64_t fc = downsample_factor(m.cols, static_cast<int64_t>(px_w));
-  const std::string full_key = factor_key(key, fr, fc);
+  const int64_t fr = downsample_factor(w.rows(), static_cast<int64_t>(px_h));
+  const int64_t fc = downsample_factor(w.cols(), static_cast<int64_t>(px_w));
+  char window[96];
+  std::snprintf(window, sizeof window, " w%lld,%lld,%lld,%lld", (long long)w.r0, (long long)w.r1,
+                (long long)w.c0, (long long)w.c1);
+  const std::string full_key = factor_key(key + window, fr, fc);
   if (t.key != full_key) {
     const auto t0 = std::chrono::steady_clock::now();
-    build_texture(st, t, full_key, m, fr, fc);
+    const MatrixView view{m.values.data() + w.r0 * m.cols + w.c0, w.rows(), w.cols(), m.cols};
+    const std::vector<int64_t> limits =
+        m.last_allowed ? window_limits(m.last_allowed, w) : std::vector<int64_t>{};
+    build_texture(st, t, full_key, m, view, m.last_allowed ? limits.data() : nullptr, fr, fc);
     st.build_spent_ms += ms_since(t0);
   }
   return t;

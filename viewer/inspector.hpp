@@ -50,6 +50,12 @@ struct ViewState {
   std::optional<Cell> hover;   // the large view's cell under the mouse this frame
   std::optional<Cell> pinned;  // clicked cell: keeps the bar plot's query when the mouse leaves
   Rect image_rect;             // where the large view was drawn (the bar plot aligns to it)
+  // Zoom of the large view: the window of its matrix on screen (the mouse wheel zooms around the
+  // cursor, a right-drag pans). It refers to a zoom_rows x zoom_cols matrix; a matrix of another
+  // size (another view kind or shape) resets it.
+  Window zoom;
+  int64_t zoom_rows = 0, zoom_cols = 0;
+  std::optional<Window> pan_anchor;  // the window when the right-drag began
   std::vector<Rect> thumb_rects;  // where each head's thumbnail was drawn (tests, scripting)
   int shown_head() const { return preview_head >= 0 ? preview_head : locked_head; }
 };
@@ -83,6 +89,7 @@ struct InspectorState {
   // Headless runs: hover this cell of the large view (the platform moves the mouse there).
   std::optional<Cell> script_hover;
   std::optional<ImVec2> script_mouse;  // screen position of script_hover, from the last frame
+  std::optional<Window> script_zoom;   // zoom the large view to this window once it is drawn
 };
 
 // Draws one frame of the whole inspector into the current ImGui context.

@@ -112,6 +112,8 @@ int main(int argc, char** argv) {
   app.add_option("--head", head, "Initial locked head");
   app.add_flag("--live", live, "Start with live timing on (re-times the backends while idle)");
   app.add_option("--hover", hover, "Hover this cell of the large view, QUERY,KEY (for screenshots)");
+  std::string zoom;
+  app.add_option("--zoom", zoom, "Zoom the large view to rows R0..R1-1 and columns C0..C1-1: R0,R1,C0,C1");
   app.add_option("--frames", frames, "Render this many frames after the first result, then exit")
       ->check(CLI::Range(1, 100000));
   app.add_option("--screenshot", screenshot, "With --frames: write the last frame as PNG");
@@ -165,6 +167,9 @@ int main(int argc, char** argv) {
   long long hq = 0, hk = 0;
   if (!hover.empty() && std::sscanf(hover.c_str(), "%lld,%lld", &hq, &hk) == 2)
     st.script_hover = dv::Cell{hq, hk};
+  long long z[4];
+  if (!zoom.empty() && std::sscanf(zoom.c_str(), "%lld,%lld,%lld,%lld", &z[0], &z[1], &z[2], &z[3]) == 4)
+    st.script_zoom = dv::Window{z[0], z[1], z[2], z[3]};
 
   // The window. No display (no X server, no Wayland): exit 77, which ctest reports as skipped.
   glfwSetErrorCallback([](int code, const char* what) {

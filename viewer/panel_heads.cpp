@@ -30,18 +30,6 @@ void hatch(ImDrawList* dl, const Rect& r, float gap, ImU32 col) {
   }
 }
 
-// Draws runs of consecutive keys as columns over rows [r0, r1) of the image.
-void key_columns(ImDrawList* dl, const Rect& img, const HeadMatrix& m,
-                 const std::vector<int64_t>& keys, int64_t r0, int64_t r1, ImU32 col) {
-  for (size_t a = 0; a < keys.size();) {
-    size_t b = a + 1;
-    while (b < keys.size() && keys[b] == keys[b - 1] + 1) ++b;
-    const Rect c = cells_rect(img, m.rows, m.cols, r0, r1, keys[a], keys[b - 1] + 1);
-    dl->AddRectFilled(vec(c.x, c.y), vec(c.x + std::max(c.w, 1.0f), c.y + c.h), col);
-    a = b;
-  }
-}
-
 void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) {
   const float bar_w = 14.0f;
   if (m.binary) {  // two swatches, no gradient: there is nothing in between
@@ -224,51 +212,93 @@ void panel_head_view(InspectorState& st, float bars_height) {
   vs.image_rect = img;
   if (img.w < 8 || img.h < 8) return;
 
-  const TextureSlot& tex = matrix_texture(st, "large", st.large_key, img.w, img.h, m);
+  // The zoom window (all of the matrix unless zoomed); another matrix size resets it.
+  if (vs.zoom_rows != m.rows || vs.zoom_cols != m.cols || vs.zoom.rows() <= 0) {
+    vs.zoom = full_window(m.rows, m.cols);
+    vs.zoom_rows = m.rows;
+    vs.zoom_cols = m.cols;
+    vs.pan_anchor.reset();
+  }
+  if (st.script_zoom) {  // --zoom: clamped into the matrix, at least one cell
+    Window z = *st.script_zoom;
+    z.r0 = std::clamp<int64_t>(z.r0, 0, m.rows - 1);
+    z.r1 = std::clamp<int64_t>(z.r1, z.r0 + 1, m.rows);
+    z.c0 = std::clamp<int64_t>(z.c0, 0, m.cols - 1);
+    z.c1 = std::clamp<int64_t>(z.c1, z.c0 + 1, m.cols);
+    vs.zoom = z;
+    st.script_zoom.reset();
+  }
+  const Window w = vs.zoom;
+  const bool zoomed = !(w == full_window(m.rows, m.cols));
+  // Screen rectangle of data rows [ra, rb) x cols [ca, cb), cut to the window.
+  auto rect_of = [&](int64_t ra, int64_t rb, int64_t ca, int64_t cb) {
+    ra = std::max(ra, w.r0);
+    rb = std::min(rb, w.r1);
+    ca = std::max(ca, w.c0);
+    cb = std::min(cb, w.c1);
+    if (ra >= rb || ca >= cb) return Rect{img.x, img.y, 0, 0};
+    return cells_rect(img, w.rows(), w.cols(), ra - w.r0, rb - w.r0, ca - w.c0, cb - w.c0);
+  };
+
+  const TextureSlot& tex = matrix_texture(st, "large", st.large_key, img.w, img.h, m, w);
   ImDrawList* dl = ImGui::GetWindowDrawList();
   ImGui::SetCursorScreenPos(vec(img.x, img.y));
-  ImGui::InvisibleButton("heatmap", vec(img.w, img.h));
+  ImGui::InvisibleButton("heatmap", vec(img.w, img.h),
+                         ImGuiButtonFlags_MouseButtonLeft | ImGuiButtonFlags_MouseButtonRight);
   const bool hovered = ImGui::IsItemHovered();
   dl->AddImage(tex.id, vec(img.x, img.y), vec(img.x + img.w, img.y + img.h));
   dl->PushClipRect(vec(img.x, img.y), vec(img.x + img.w, img.y + img.h), true);
 
+  const ImGuiIO& io = ImGui::GetIO();
   std::optional<Cell> cell;
   if (hovered) {
-    const ImVec2 mouse = ImGui::GetIO().MousePos;
-    cell = cell_at(img, m.rows, m.cols, mouse.x, mouse.y);
+    if (const auto c = cell_at(img, w.rows(), w.cols(), io.MousePos.x, io.MousePos.y))
+      cell = Cell{c->row + w.r0, c->col + w.c0};
+  }
+  // Zoom: the wheel scales the window around the cursor; a right-drag pans it.
+  if (hovered && io.MouseWheel != 0.0f) {
+    const double u = (io.MousePos.x - img.x) / img.w, v = (io.MousePos.y - img.y) / img.h;
+    vs.zoom = zoom_window(w, m.rows, m.cols, std::pow(1.25, -io.MouseWheel), u, v);
+  }
+  if (ImGui::IsItemActive() && ImGui::IsMouseDown(ImGuiMouseButton_Right)) {
+    if (!vs.pan_anchor) vs.pan_anchor = w;
+    const ImVec2 drag = ImGui::GetMouseDragDelta(ImGuiMouseButton_Right, 0.0f);
+    const auto dr = static_cast<int64_t>(std::lround(-drag.y / img.h * vs.pan_anchor->rows()));
+    const auto dc = static_cast<int64_t>(std::lround(-drag.x / img.w * vs.pan_anchor->cols()));
+    vs.zoom = pan_window(*vs.pan_anchor, m.rows, m.cols, dr, dc);
+  } else {
+    vs.pan_anchor.reset();
   }
   if (st.script_hover) {  // headless: the platform moves the mouse to this cell next frame
     const Cell c{std::min(st.script_hover->row, m.rows - 1), std::min(st.script_hover->col, m.cols - 1)};
-    const Rect r = cells_rect(img, m.rows, m.cols, c.row, c.row + 1, c.col, c.col + 1);
-    st.script_mouse = vec(r.x + 0.5f * r.w, r.y + 0.5f * r.h);
+    const Rect r = rect_of(c.row, c.row + 1, c.col, c.col + 1);
+    if (r.w > 0) st.script_mouse = vec(r.x + 0.5f * r.w, r.y + 0.5f * r.h);
   }
-  if (cell && ImGui::IsItemClicked()) vs.pinned = vs.pinned && *vs.pinned == *cell ? std::nullopt : cell;
+  if (cell && ImGui::IsItemClicked(ImGuiMouseButton_Left))
+    vs.pinned = vs.pinned && *vs.pinned == *cell ? std::nullopt : cell;
   vs.hover = cell;
 
   const int64_t hd = s.delta_head(hq);
   const int64_t bd = vs.batch * s.Hd + hd;
   const TileGrid* grid = is_key_view(m) ? &v.tiles[bd] : nullptr;
   if (grid) {
-    const float tile_w = img.w * grid->Bk / static_cast<float>(s.Lk);
-    const float tile_h = img.h * grid->Bq / static_cast<float>(s.Lq);
-    if (vs.show_skipped) {
-      for (int64_t qt = 0; qt < grid->query_tiles; ++qt)
-        for (int64_t kt = 0; kt < grid->key_tiles; ++kt)
-          if (grid->at(qt, kt) == TileClass::skipped) {
-            const Rect r = cells_rect(img, m.rows, m.cols, qt * grid->Bq,
-                                      std::min(s.Lq, (qt + 1) * grid->Bq), kt * grid->Bk,
-                                      std::min(s.Lk, (kt + 1) * grid->Bk));
-            hatch(dl, r, std::max(4.0f, std::min(tile_w, tile_h) / 4), IM_COL32(255, 255, 255, 70));
-          }
+    const float tile_w = img.w * grid->Bk / static_cast<float>(w.cols());
+    const float tile_h = img.h * grid->Bq / static_cast<float>(w.rows());
+    if (vs.show_skipped) {  // only the tiles inside the window
+      for (int64_t qt = w.r0 / grid->Bq; qt * grid->Bq < w.r1; ++qt)
+        for (int64_t kt = w.c0 / grid->Bk; kt * grid->Bk < w.c1; ++kt)
+          if (grid->at(qt, kt) == TileClass::skipped)
+            hatch(dl, rect_of(qt * grid->Bq, (qt + 1) * grid->Bq, kt * grid->Bk, (kt + 1) * grid->Bk),
+                  std::max(4.0f, std::min(tile_w, tile_h) / 4), IM_COL32(255, 255, 255, 70));
     }
     if (vs.show_grid && tile_w >= 4 && tile_h >= 4) {
       const ImU32 col = IM_COL32(255, 255, 255, 45);
-      for (int64_t kt = 1; kt < grid->key_tiles; ++kt) {
-        const float x = img.x + img.w * (kt * grid->Bk) / static_cast<float>(s.Lk);
+      for (int64_t k = (w.c0 / grid->Bk + 1) * grid->Bk; k < w.c1; k += grid->Bk) {
+        const float x = img.x + img.w * (k - w.c0) / static_cast<float>(w.cols());
         dl->AddLine(vec(x, img.y), vec(x, img.y + img.h), col);
       }
-      for (int64_t qt = 1; qt < grid->query_tiles; ++qt) {
-        const float y = img.y + img.h * (qt * grid->Bq) / static_cast<float>(s.Lq);
+      for (int64_t q = (w.r0 / grid->Bq + 1) * grid->Bq; q < w.r1; q += grid->Bq) {
+        const float y = img.y + img.h * (q - w.r0) / static_cast<float>(w.rows());
         dl->AddLine(vec(img.x, y), vec(img.x + img.w, y), col);
       }
     }
@@ -281,8 +311,17 @@ void panel_head_view(InspectorState& st, float bars_height) {
     const int64_t q0 = qt * grid->Bq, q1 = std::min(s.Lq, q0 + grid->Bq);
     const std::vector<int64_t> keys = gathered_keys(v.evict.data() + bd * s.Lk, s.Lq, s.Lk,
                                                     v.opt.causal, q0, q1 - 1);
-    if (vs.show_gathered) key_columns(dl, img, m, keys, q0, q1, to_imu32(hue, 0.35f));
-    const Rect band = cells_rect(img, m.rows, m.cols, q0, q1, 0, m.cols);
+    if (vs.show_gathered) {  // runs of consecutive keys as translucent columns over the band
+      for (size_t a = 0; a < keys.size();) {
+        size_t b = a + 1;
+        while (b < keys.size() && keys[b] == keys[b - 1] + 1) ++b;
+        const Rect c = rect_of(q0, q1, keys[a], keys[b - 1] + 1);
+        if (c.w > 0)
+          dl->AddRectFilled(vec(c.x, c.y), vec(c.x + std::max(c.w, 1.0f), c.y + c.h), to_imu32(hue, 0.35f));
+        a = b;
+      }
+    }
+    const Rect band = rect_of(q0, q1, w.c0, w.c1);
     dl->AddRect(vec(band.x, band.y), vec(band.x + band.w, band.y + band.h), to_imu32(hue), 0, 0, 2);
     char buf[160];
     std::snprintf(buf, sizeof buf, "query tile %lld (queries %lld-%lld): %lld gathered keys, bound w + Bq = %lld",
@@ -291,21 +330,21 @@ void panel_head_view(InspectorState& st, float bars_height) {
     gather_line = buf;
   }
   if (cell) {  // crosshair
-    const Rect r = cells_rect(img, m.rows, m.cols, cell->row, cell->row + 1, cell->col, cell->col + 1);
+    const Rect r = rect_of(cell->row, cell->row + 1, cell->col, cell->col + 1);
     const ImU32 col = IM_COL32(255, 255, 255, 110);
     dl->AddLine(vec(img.x, r.y + r.h * 0.5f), vec(img.x + img.w, r.y + r.h * 0.5f), col);
     dl->AddLine(vec(r.x + r.w * 0.5f, img.y), vec(r.x + r.w * 0.5f, img.y + img.h), col);
   }
   if (vs.pinned && vs.pinned->row < m.rows && vs.pinned->col < m.cols) {
-    const Rect r = cells_rect(img, m.rows, m.cols, vs.pinned->row, vs.pinned->row + 1, 0, m.cols);
-    dl->AddRect(vec(r.x, r.y - 1), vec(r.x + r.w, r.y + r.h + 1), IM_COL32(255, 170, 40, 200));
+    const Rect r = rect_of(vs.pinned->row, vs.pinned->row + 1, w.c0, w.c1);
+    if (r.w > 0) dl->AddRect(vec(r.x, r.y - 1), vec(r.x + r.w, r.y + r.h + 1), IM_COL32(255, 170, 40, 200));
   }
   dl->PopClipRect();
   dl->AddRect(vec(img.x - 1, img.y - 1), vec(img.x + img.w + 1, img.y + img.h + 1), to_imu32(hue, 0.8f));
   colour_bar(dl, m, img.x + img.w + 10, img.y, std::min(img.h, std::max(img.h - 40, 60.0f)));
 
   // Tooltip: everything known about the cell.
-  if (cell) {
+  if (cell && !vs.pan_anchor) {
     ImGui::BeginTooltip();
     const float value = m.values[cell->row * m.cols + cell->col];
     ImGui::Text("%s %lld, %s %lld", m.row_name.c_str(), (long long)cell->row, m.col_name.c_str(),
@@ -338,18 +377,28 @@ void panel_head_view(InspectorState& st, float bars_height) {
         ImGui::TextDisabled("key %lld is never kept: w keys above it arrived before it",
                             (long long)cell->col);
     }
-    ImGui::TextDisabled("click to pin this query for the bar plot");
+    ImGui::TextDisabled("click: pin this query for the bar plot; wheel: zoom; right-drag: pan");
     ImGui::EndTooltip();
   }
 
-  // Under the image: resolution (and downsampling) and the gather line.
+  // Under the image: what is shown (zoom, downsampling) and the gather line.
   ImGui::SetCursorScreenPos(vec(area.x, img.y + img.h + 3));
-  if (tex.factor_r > 1 || tex.factor_c > 1)
-    ImGui::TextDisabled("%lld x %lld shown at %d x %d: max over %lld x %lld blocks", (long long)m.rows,
-                        (long long)m.cols, tex.width, tex.height, (long long)tex.factor_r,
-                        (long long)tex.factor_c);
+  char shown[160];
+  if (zoomed)
+    std::snprintf(shown, sizeof shown, "%s %lld-%lld, %s %lld-%lld of %lld x %lld", m.row_name.c_str(),
+                  (long long)w.r0, (long long)(w.r1 - 1), m.col_name.c_str(), (long long)w.c0,
+                  (long long)(w.c1 - 1), (long long)m.rows, (long long)m.cols);
   else
-    ImGui::TextDisabled("%lld x %lld, one texel per cell", (long long)m.rows, (long long)m.cols);
+    std::snprintf(shown, sizeof shown, "%lld x %lld", (long long)m.rows, (long long)m.cols);
+  if (tex.factor_r > 1 || tex.factor_c > 1)
+    ImGui::TextDisabled("%s shown at %d x %d: max over %lld x %lld blocks", shown, tex.width,
+                        tex.height, (long long)tex.factor_r, (long long)tex.factor_c);
+  else
+    ImGui::TextDisabled("%s, one texel per cell", shown);
+  if (zoomed) {
+    ImGui::SameLine();
+    if (ImGui::SmallButton("reset zoom")) vs.zoom = full_window(m.rows, m.cols);
+  }
   if (!gather_line.empty()) ImGui::TextUnformatted(gather_line.c_str());
   // The bar plot follows right under the image (a wide matrix leaves the space below free).
   ImGui::SetCursorScreenPos(vec(origin.x, img.y + img.h + 3 + 2 * line));
@@ -383,6 +432,13 @@ void panel_delta_bars(InspectorState& st) {
   ImGui::SameLine();
   ImGui::Checkbox("log axis", &vs.bars_log);
 
+  // The keys on screen: those of the large view's zoom window when it shows keys, else all.
+  int64_t k0 = 0, k1 = s.Lk;
+  if (key_view && vs.zoom_cols == s.Lk && vs.zoom.cols() > 0) {
+    k0 = vs.zoom.c0;
+    k1 = vs.zoom.c1;
+  }
+  const int64_t nk = k1 - k0;
   const ImVec2 p = ImGui::GetCursorScreenPos();
   const ImVec2 avail = ImGui::GetContentRegionAvail();
   Rect plot{p.x, p.y, avail.x - 84.0f, std::clamp(avail.y - 4, 40.0f, 260.0f)};
@@ -410,10 +466,10 @@ void panel_delta_bars(InspectorState& st) {
   };
 
   const int64_t p_i = std::min(s.Lk - 1, query_position(s, v.opt.causal, query));
-  const int columns = std::max(1, static_cast<int>(std::min<float>(plot.w, static_cast<float>(s.Lk))));
+  const int columns = std::max(1, static_cast<int>(std::min<float>(plot.w, static_cast<float>(nk))));
   const ImU32 kept_col = to_imu32(head_hue(hq, static_cast<int>(s.Hq)));
   for (int c = 0; c < columns; ++c) {
-    const int64_t j0 = s.Lk * c / columns, j1 = std::max(j0 + 1, s.Lk * (c + 1) / columns);
+    const int64_t j0 = k0 + nk * c / columns, j1 = std::max(j0 + 1, k0 + nk * (c + 1) / columns);
     float top = -INFINITY;
     bool kept = false, allowed = false;
     for (int64_t j = j0; j < j1; ++j) {
@@ -431,10 +487,11 @@ void panel_delta_bars(InspectorState& st) {
   }
   if (hovered) {
     const ImVec2 mouse = ImGui::GetIO().MousePos;
-    if (const auto c = cell_at(plot, 1, s.Lk, mouse.x, mouse.y)) {
-      const KeyFacts k = key_facts(delta, evict, s.Lq, s.Lk, v.opt.causal, query, c->col);
+    if (const auto c = cell_at(plot, 1, nk, mouse.x, mouse.y)) {
+      const int64_t j = k0 + c->col;
+      const KeyFacts k = key_facts(delta, evict, s.Lq, s.Lk, v.opt.causal, query, j);
       ImGui::BeginTooltip();
-      ImGui::Text("key %lld: delta %.6g", (long long)c->col, static_cast<double>(delta[c->col]));
+      ImGui::Text("key %lld: delta %.6g", (long long)j, static_cast<double>(delta[j]));
       if (k.allowed)
         ImGui::Text("%s by query %lld, rank %lld", k.kept ? "kept" : "dropped", (long long)query,
                     (long long)k.rank);

@@ -32,10 +32,10 @@ const TextureSlot& heatmap_texture(InspectorState& st, const std::string& slot,
                                    const std::string& key, int64_t rows, int64_t cols, float px_w,
                                    float px_h, const std::function<HeadMatrix()>& make,
                                    bool urgent = false);
-// The same for a matrix already at hand (the large view's), built at once.
+// The same for the window w of a matrix already at hand (the large view's), built at once.
 const TextureSlot& matrix_texture(InspectorState& st, const std::string& slot,
                                   const std::string& key, float px_w, float px_h,
-                                  const HeadMatrix& m);
+                                  const HeadMatrix& m, const Window& w);
 std::string matrix_key(const InspectorState& st, ViewKind kind, int head);
 // The large view's matrix for head hq, cached in st.large.
 const HeadMatrix& large_matrix(InspectorState& st, int hq);
