@@ -3,12 +3,17 @@
 // and see the worker recompute, and check that an idle frame uploads no texture.
 #include <doctest/doctest.h>
 #include <imgui.h>
+#include <stb_image.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <cmath>
 #include <thread>
 
 #include "inspector.hpp"
+#include "panels.hpp"
 
 using namespace dma::viewer;
 
@@ -207,6 +212,33 @@ TEST_CASE("panels: thumbnails preview and lock - the large view hovers and pins 
     st.view.kind = ViewKind::dq;
     frame(st, -1000, -1000);
     CHECK(st.view.zoom == full_window(s.Lq, s.D));
+  }
+
+  SUBCASE("export: the locked head's matrix as PNG (one pixel per cell) and CSV") {
+    const auto dir = std::filesystem::temp_directory_path() / "dma_test_viewer_panels";
+    std::filesystem::create_directories(dir);
+    st.export_prefix = (dir / "x").string();
+    st.view.locked_head = 1;
+    st.view.kind = ViewKind::mask;
+    frame(st, -1000, -1000);
+    REQUIRE(export_heatmap_png(st));
+    const std::string png = (dir / "x_mask_b0_h1.png").string();
+    CHECK(st.message == "wrote " + png);
+    int w = 0, h = 0, n = 0;
+    CHECK(stbi_info(png.c_str(), &w, &h, &n) == 1);
+    CHECK(w == 256);
+    CHECK(h == 256);
+    REQUIRE(export_matrix_csv(st));
+    std::ifstream csv(dir / "x_mask_b0_h1.csv");
+    std::string line;
+    int lines = 0, ones = 0;
+    while (std::getline(csv, line)) {
+      ++lines;
+      if (lines == 256) ones = static_cast<int>(std::count(line.begin(), line.end(), '1'));
+    }
+    CHECK(lines == 256);
+    CHECK(ones == 32);  // the last query keeps w = 32 keys
+    std::filesystem::remove_all(dir);
   }
 
   SUBCASE("every view draws for every head") {

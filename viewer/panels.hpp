@@ -21,6 +21,9 @@ void panel_delta_bars(InspectorState& st);
 void panel_timings(InspectorState& st);
 void panel_compare(InspectorState& st);
 void panel_export(InspectorState& st);
+// What the export buttons do (st.message says what happened): files <prefix>_<view>_b<b>_h<h>.
+bool export_heatmap_png(InspectorState& st);
+bool export_matrix_csv(InspectorState& st);
 
 // Shared helpers (inspector.cpp).
 void help_marker(const char* text);  // "(?)" with a tooltip, as in the Dear ImGui demo
