@@ -79,7 +79,9 @@ void run_cuda([[maybe_unused]] const Args& args, [[maybe_unused]] const dma::Bun
   const dma::Problem<float> p = dma::problem_from_bundle<float>(in, opt);  // float64 in: rounded
   std::string why;
   if (!dma::cuda::device_available(&why)) throw BackendUnavailable("--backend cuda: " + why);
-  const dma::Result<float> r = dma::cuda::run_pipeline(p, dma::cuda::Precision::bf16);
+  dma::Result<float> r = dma::cuda::run_pipeline(p, dma::cuda::Precision::bf16);
+  if (p.shape.mask_numel() <= dma::kMaxMaskElements)  // the kernels keep only evict
+    r.mask = dma::mask_from_evict(p.shape, p.opt, r.evict);
   dma::Bundle out = inputs_of(in);
   dma::add_outputs(out, p.shape, r);
   dma::write_bundle(args.out, out);

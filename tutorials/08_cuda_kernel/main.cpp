@@ -11,7 +11,7 @@
 //   2. mask    the eviction positions e_j (step 3) without the sequential heap: each key counts
 //              the keys ranked above it, in order of position, until w, using chunks of keys
 //              sorted by (delta, index) packed into one 64-bit number. No Lq x Lk mask exists.
-//   3. forward one thread block per query tile of Bq = 64 queries (4 warps x 16 rows) of one
+//   3. forward one thread block per query tile of Bq = 128 queries (8 warps x 16 rows) of one
 //              (b, query head). The block scans e_j and compacts its candidate keys
 //              {j <= p_last : e_j >= max(j, p_first)} - at most w + Bq of them - into shared
 //              memory, Bk = 64 at a time, and gathers those rows of K and V into shared memory
@@ -55,7 +55,7 @@ struct Rng {  // splitmix64: deterministic inputs
   }
 };
 
-const int kBq = 64, kBk = 64;  // the kernel's tile sizes
+const int kBq = 128, kBk = 64;  // the kernel's tile sizes (8 warps by default, cuda/src/gather.cuh)
 
 dma::Problem<float> make_problem(int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int64_t w,
                                  uint64_t seed) {
@@ -121,10 +121,11 @@ Plan print_plan(const dma::Problem<float>& p, const std::vector<int64_t>& evict)
   std::printf("The forward kernel on B=%lld, Hq=%lld, Hkv=Hd=%lld, L=%lld, D=%lld, w=%lld:\n",
               (long long)s.B, (long long)s.Hq, (long long)s.Hkv, (long long)s.Lk, (long long)s.D,
               (long long)p.opt.window);
-  std::printf("  grid: %lld query tiles x %lld query heads = %lld blocks of 128 threads\n",
+  std::printf("  grid: %lld query tiles x %lld query heads = %lld blocks of 256 threads\n",
               (long long)tiles, (long long)s.Hq, (long long)(tiles * s.Hq));
-  std::printf("  shared memory per block: Q tile + K and V tiles of %d gathered rows, bf16, "
-              "rows padded to D+8: %lld bytes\n", kBk, (long long)(2 * (kBq + 2 * kBk) * (s.D + 8)));
+  std::printf("  shared memory per block: Q tile + double-buffered K and V tiles of %d gathered "
+              "rows, bf16, rows padded to D+8: %lld bytes (+ a ring of candidate indices)\n",
+              kBk, (long long)(2 * (kBq + 4 * kBk) * (s.D + 8)));
   for (int64_t hd = 0; hd < s.Hd; hd++) {
     const std::vector<int64_t> cand = candidates_per_tile(s, &evict[hd * s.Lk]);
     int64_t most = 0, chunks = 0, dense_tiles = 0;
