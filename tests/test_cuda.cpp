@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime_api.h>
+
 #include "dma/cuda.hpp"
 #include "dma/dynamic_weights.hpp"
 #include "dma/mask.hpp"
@@ -322,12 +324,46 @@ TEST_SUITE("cuda") {
   TEST_CASE("cuda errors: unsupported head dim and non-finite delta are dma::Error") {
     std::mt19937_64 rng(fresh_seed());
     Case c{1, 1, 1, 1, 16, 16, 32, 4};
-    CHECK_THROWS_AS(dma::cuda::run_pipeline(make_problem(c, rng)), dma::Error);
+    CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(make_problem(c, rng)),
+                         "D = 32: the CUDA backend supports head dims 64 and 128", dma::Error);
     Case c2{1, 1, 1, 1, 16, 16, 64, 4};
     dma::Problem<float> p = make_problem(c2, rng);
     for (auto& a : p.a) a = 1e6f;  // exp(a * softplus(z)) overflows
     for (auto& w : p.w_dt) w = std::abs(w) + 1.0f;
     for (auto& v : p.v) v = std::abs(v) + 1.0f;
     CHECK_THROWS_AS(dma::cuda::run_pipeline(p), dma::Error);
+  }
+
+  TEST_CASE("cuda errors: out of device memory is reported as such and the device stays usable") {
+    // Take all but 256 MiB of the device, then ask for a problem needing more than that.
+    std::vector<void*> hoard;
+    size_t free = 0, total = 0;
+    REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
+    const size_t chunk = size_t{1} << 30;
+    while (free > (size_t{256} << 20) + chunk) {
+      void* ptr = nullptr;
+      if (cudaMalloc(&ptr, chunk) != cudaSuccess) break;
+      hoard.push_back(ptr);
+      REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
+    }
+    for (size_t step = size_t{64} << 20; free > (size_t{256} << 20) + step;) {
+      void* ptr = nullptr;
+      if (cudaMalloc(&ptr, step) != cudaSuccess) break;
+      hoard.push_back(ptr);
+      REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
+    }
+    std::mt19937_64 rng(fresh_seed());
+    Case big{1, 8, 8, 8, 32768, 32768, 128, 64};  // q, k, v, o, do, dq, dk, dv: ~1 GiB
+    std::string message;
+    try {
+      dma::cuda::run_pipeline(make_problem(big, rng));
+    } catch (const dma::Error& e) {
+      message = e.what();
+    }
+    for (void* ptr : hoard) cudaFree(ptr);
+    MESSAGE(message);
+    CHECK(message.find("cuda: out of device memory") == 0);
+    Case small{1, 2, 1, 1, 40, 40, 64, 8};
+    check_case(small);  // the failed allocation left nothing sticky behind
   }
 }

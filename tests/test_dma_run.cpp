@@ -276,6 +276,20 @@ TEST_SUITE("dma_run") {
     CHECK(first.arrays.at("o").data == second.arrays.at("o").data);  // same delta, same forward
   }
 
+  TEST_CASE("the cuda backend: unsupported head dims are bad data with or without a GPU") {
+    Scratch tmp;
+    write_problem(tmp / "in", random_problem<float>(make_shape(1, 2, 1, 1, 8, 8, 32), make_options(4), 9));
+    const Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "x") + " --window 4 --backend cuda");
+#ifdef DMA_TEST_HAVE_CUDA
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: D = 32: the CUDA backend supports head dims 64 and 128\n");
+#else
+    CHECK(r.code == 3);
+    CHECK(r.err == "dma_run: --backend cuda: this dma_run was built without CUDA\n");
+#endif
+    CHECK(!fs::exists(tmp / "x"));
+  }
+
   TEST_CASE("the output folder is refused when it holds other files or cannot be written") {
     Scratch tmp;
     write_problem(tmp / "in", random_problem<double>(kShape, make_options(4), test_seed() + 5));

@@ -77,6 +77,7 @@ void run_cuda([[maybe_unused]] const Args& args, [[maybe_unused]] const dma::Bun
               [[maybe_unused]] const dma::Options& opt) {
 #ifdef DMA_RUN_HAVE_CUDA
   const dma::Problem<float> p = dma::problem_from_bundle<float>(in, opt);  // float64 in: rounded
+  dma::cuda::check_supported(p.shape);  // an unsupported head dim is bad data, GPU or not
   std::string why;
   if (!dma::cuda::device_available(&why)) throw BackendUnavailable("--backend cuda: " + why);
   dma::Result<float> r = dma::cuda::run_pipeline(p, dma::cuda::Precision::bf16);

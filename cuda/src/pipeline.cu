@@ -36,6 +36,21 @@ bool device_available(std::string* reason) {
     if (reason) *reason = "no CUDA device";
     return false;
   }
+  // The kernels are built for sm_90 (H100/H200) only: any other device has no code to run.
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    if (reason) *reason = "no usable CUDA device: cannot read its compute capability";
+    return false;
+  }
+  if (major != 9) {
+    if (reason)
+      *reason = "unsupported CUDA device: compute capability " + std::to_string(major) + "." +
+                std::to_string(minor) + ", this build has kernels for 9.0 (H100, H200) only";
+    return false;
+  }
   return true;
 }
 
@@ -47,7 +62,17 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0) DMA_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+    if (bytes == 0) return;
+    const cudaError_t err = cudaMalloc(&ptr_, bytes);
+    if (err == cudaErrorMemoryAllocation) {  // say so plainly, with the numbers
+      cudaGetLastError();                    // not sticky: the device stays usable
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      throw dma::Error("cuda: out of device memory: an allocation of " + std::to_string(bytes >> 20) +
+                       " MiB failed with " + std::to_string(free >> 20) + " of " +
+                       std::to_string(total >> 20) + " MiB free");
+    }
+    DMA_CUDA_CHECK(err);
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
@@ -247,6 +272,8 @@ struct StreamGuard {
 
 }  // namespace
 }  // namespace detail
+
+void check_supported(const Shape& s) { detail::make_dims(s, Options{}); }
 
 std::vector<float> round_to_precision(const std::vector<float>& x, Precision precision) {
   std::vector<float> out(x.size());

@@ -12,6 +12,10 @@ namespace dma::cuda {
 // True when a CUDA device can be used; otherwise false and, if given, why ("no CUDA device").
 bool device_available(std::string* reason = nullptr);
 
+// Throws dma::Error when the kernels cannot run this shape (head dims other than 64 and 128, grid
+// limits), with a message listing what is supported. Needs no device.
+void check_supported(const Shape& s);
+
 // Element type the kernels compute in (always with fp32 accumulation).
 enum class Precision { bf16, fp16 };
 
