@@ -25,7 +25,7 @@ build)
   rm -rf "$BIN" && mkdir -p "$BIN"
   cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench "$BIN"/
   git rev-parse HEAD > "$BIN/COMMIT" 2>/dev/null || true
-  git status --porcelain -- cuda tests/cuda.cmake 'tests/test_cuda*' bench scripts > "$BIN/DIRTY" || true
+  git status --porcelain -- core cuda tests/cuda.cmake 'tests/test_cuda*' bench scripts > "$BIN/DIRTY" || true
   du -sh "$BIN"
   ;;
 device)
@@ -37,15 +37,22 @@ device)
   } | tee "$OUT/env.txt"
   rc=0
   if [[ $what == tests || $what == all ]]; then
-    echo "== tests"; "$BIN/test_cuda" 2>&1 | tee "$OUT/tests.log" | tail -25; rc=$((rc | ${PIPESTATUS[0]}))
+    # both block sizes the kernels ship with (DMA_CUDA_WARPS, default 8)
+    for warps in 8 4; do
+      echo "== tests, $warps warps"
+      DMA_CUDA_WARPS=$warps "$BIN/test_cuda" 2>&1 | tee "$OUT/tests_w$warps.log" | tail -4
+      rc=$((rc | ${PIPESTATUS[0]}))
+    done
   fi
   if [[ $what == sanitizer || $what == all ]]; then
     : > "$OUT/sanitizer.log"
-    for tool in memcheck racecheck; do
-      echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
-      compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" -tc='*sanitizer*' \
-        >> "$OUT/sanitizer.log" 2>&1; s=$?
-      tail -3 "$OUT/sanitizer.log"; echo "exit $s"; rc=$((rc | s))
+    for warps in 8 4; do
+      for tool in memcheck racecheck initcheck; do
+        echo "== compute-sanitizer $tool, $warps warps" | tee -a "$OUT/sanitizer.log"
+        DMA_CUDA_WARPS=$warps compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" \
+          -tc='*sanitizer*' >> "$OUT/sanitizer.log" 2>&1; s=$?
+        tail -1 "$OUT/sanitizer.log"; echo "exit $s"; rc=$((rc | s))
+      done
     done
   fi
   if [[ $what == bench || $what == all ]]; then

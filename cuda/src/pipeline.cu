@@ -218,6 +218,13 @@ Dims make_dims(const Shape& s, const Options& opt) {
   // (grid limits: Hq and B*Hd on grid.y, B on grid.z)
   if (s.Lq >= kMax || s.Lk >= kMax || s.Hq > 65535 || s.B * s.Hd > 65535 || s.B > 65535)
     throw dma::Error("shape: too large for the CUDA backend (Lq, Lk < 2^30; Hq, B*Hd, B <= 65535)");
+  // Some kernels index rows with 32-bit ints and launch 32 threads per row (B*Hq*Lq query rows,
+  // B*Lk key rows), and element indices of q, k, v stay below 2^31.
+  constexpr int64_t kMaxRows = int64_t{1} << 26, kMaxElems = int64_t{1} << 31;
+  if (s.B * s.Hq * s.Lq >= kMaxRows || s.B * s.Lk * std::max(s.Hd, s.Hkv) >= kMaxRows ||
+      s.q_numel() >= kMaxElems || s.kv_numel() >= kMaxElems)
+    throw dma::Error("shape: too large for the CUDA backend's 32-bit indexing (B*Hq*Lq and "
+                     "B*Lk*max(Hd,Hkv) < 2^26, q and k/v < 2^31 elements); split the batch");
   Dims d{};
   d.B = (int)s.B; d.Hq = (int)s.Hq; d.Hkv = (int)s.Hkv; d.Hd = (int)s.Hd;
   d.Lq = (int)s.Lq; d.Lk = (int)s.Lk; d.D = (int)s.D;
@@ -233,11 +240,17 @@ void upload(DeviceBuffer& dst, const std::vector<U>& src, cudaStream_t st) {
                                  cudaMemcpyHostToDevice, st));
 }
 // Rounds float inputs to the compute type (round to nearest even) and uploads them.
-void upload_elem(DeviceBuffer& dst, const std::vector<float>& src, bool half, cudaStream_t st) {
+// Rounds to bf16 or fp16 on the host and uploads. fp16 tops out at 65504: a finite input beyond
+// it would become inf on the device, so it is an error naming the tensor and index.
+void upload_elem(DeviceBuffer& dst, const std::vector<float>& src, bool half, cudaStream_t st,
+                 const char* name, const std::vector<int64_t>& dims) {
   std::vector<uint16_t> h(src.size());
   for (size_t n = 0; n < src.size(); ++n) {
     if (half) {
       const __half x = __float2half_rn(src[n]);
+      if (!std::isfinite(__half2float(x)))
+        throw dma::Error(std::string(name) + format_index((int64_t)n, dims) + " = " +
+                         std::to_string(src[n]) + " overflows fp16 (|x| <= 65504); use bf16");
       std::memcpy(&h[n], &x, 2);
     } else {
       const __nv_bfloat16 x = __float2bfloat16_rn(src[n]);
@@ -296,10 +309,11 @@ Result<float> run_pipeline(const Problem<float>& p, Precision precision) {
   cudaStream_t st = sg.st;
   Workspace ws(d, p.opt.form, half, p.has_backward(), p.delta_given());
 
-  upload_elem(ws.q, p.q, half, st);
-  upload_elem(ws.k, p.k, half, st);
-  upload_elem(ws.v, p.v, half, st);
-  if (p.has_backward()) upload_elem(ws.dout, p.dout, half, st);
+  const std::vector<int64_t> q_dims{s.B, s.Hq, s.Lq, s.D}, kv_dims{s.B, s.Hkv, s.Lk, s.D};
+  upload_elem(ws.q, p.q, half, st, "q", q_dims);
+  upload_elem(ws.k, p.k, half, st, "k", kv_dims);
+  upload_elem(ws.v, p.v, half, st, "v", kv_dims);
+  if (p.has_backward()) upload_elem(ws.dout, p.dout, half, st, "do", q_dims);
   if (p.delta_given()) {
     upload(ws.delta, p.delta, st);
   } else {
@@ -320,10 +334,12 @@ Result<float> run_pipeline(const Problem<float>& p, Precision precision) {
   e1.record(st);
   // Selection needs a finite delta: check before the mask (exp overflow is the usual cause).
   r.delta = download<float>(ws.delta, delta_n, st);
+  // The kernels use delta * log2(e) (exp2 arithmetic): it must stay finite too.
+  constexpr float kMaxDelta = 3.4028235e38f / kLog2e;
   for (size_t n = 0; n < delta_n; ++n)
-    if (!std::isfinite(r.delta[n]))
+    if (!(std::abs(r.delta[n]) <= kMaxDelta))
       throw dma::Error("delta" + format_index((int64_t)n, {s.B, s.Hd, s.Lk}) + " is " +
-                       (std::isnan(r.delta[n]) ? "nan" : "inf") +
+                       (std::isnan(r.delta[n]) ? std::string("nan") : std::isinf(r.delta[n]) ? std::string("inf") : std::to_string(r.delta[n]) + ", beyond float32 range / log2(e),") +
                        " (exp overflow? try --form linear or smaller a / w_dt)");
   Event e1b;
   e1b.record(st);
