@@ -14,31 +14,39 @@ def main():
         print(f"GPU: {ceil['gpu']}; measured ceilings: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} "
               f"TFLOP/s, device copy {ceil['copy_tbps']:.2f} TB/s\n")
     peer = {(p["peer"], p["N"], p.get("w")): p for p in peers if p.get("peer") != "ceilings"}
-    print("| N | w | D | DMA mask ms | DMA fwd ms | DMA fwd TFLOP/s | DMA fwd+bwd ms (all phases) |"
-          " DMA fwd+bwd TFLOP/s | FA2 fwd ms | FA2 fwd+bwd ms | cuDNN fwd ms | Flex fwd ms |"
-          " Flex fwd+bwd ms | fwd (mask incl.) vs FA2 | fwd+bwd vs FA2 | work / causal dense | DMA mem GB |")
-    print("|" + "---|" * 17)
+    cols = ["N", "w", "D", "DMA delta+mask", "DMA fwd", "DMA fwd TFLOP/s", "DMA fwd+bwd (all phases)",
+            "FA2 fwd", "FA2 fwd+bwd", "cuDNN fwd", "cuDNN fwd+bwd", "Flex block mask", "Flex fwd",
+            "Flex fwd+bwd", "fwd (delta+mask incl.) vs FA2", "fwd+bwd vs FA2", "fwd+bwd vs Flex",
+            "work / causal dense", "DMA mem GB", "FA2 mem GB", "Flex mem GB"]
+    print("Times in ms (medians).\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     rows = []
     for r in ours:
         if "error" in r:
-            print(f"| {r['N']} | {r['w']} | {r['D']} | failed |" + " |" * 14)
+            print(f"| {r['N']} | {r['w']} | {r['D']} | failed: {r['error']} |" + " |" * (len(cols) - 4))
             continue
         N, w = r["N"], r["w"]
         fa = peer.get(("flash", N, N), {})
         cu = peer.get(("cudnn", N, N), {})
         fx = peer.get(("flex", N, w), {})
         f = lambda d, k: (f"{d[k]:.3f}" if k in d else ("n/a" if "error" not in d else "fails"))
+        gb = lambda d: f"{d['peak_bytes'] / 1e9:.2f}" if "peak_bytes" in d else "n/a"
+        ratio = lambda d, k, ours_ms: f"{d[k] / ours_ms:.2f}x" if k in d and ours_ms > 0 else "-"
         fwd_mask = r["delta_ms"] + r["mask_ms"] + r["forward_ms"]
-        vs_fwd = f"{fa['fwd_ms'] / fwd_mask:.2f}x" if "fwd_ms" in fa else "-"
-        vs_fb = f"{fa['fwd_bwd_ms'] / r['total_ms']:.2f}x" if "fwd_bwd_ms" in fa and r["total_ms"] > 0 else "-"
-        print(f"| {N} | {w} | {r['D']} | {r['mask_ms']:.3f} | {r['forward_ms']:.3f} | {r['fwd_tflops']:.0f} |"
-              f" {r['total_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | {f(fa, 'fwd_ms')} | {f(fa, 'fwd_bwd_ms')} |"
-              f" {f(cu, 'fwd_ms')} | {f(fx, 'fwd_ms')} | {f(fx, 'fwd_bwd_ms')} | {vs_fwd} | {vs_fb} |"
-              f" {r['computed_pairs'] / r['dense_causal_pairs']:.2f} | {r['peak_bytes'] / 1e9:.2f} |")
+        cells = [N, w, r["D"], f"{r['delta_ms'] + r['mask_ms']:.3f}", f"{r['forward_ms']:.3f}",
+                 f"{r['fwd_tflops']:.0f}", f"{r['total_ms']:.3f}", f(fa, "fwd_ms"), f(fa, "fwd_bwd_ms"),
+                 f(cu, "fwd_ms"), f(cu, "fwd_bwd_ms"), f(fx, "block_mask_ms"), f(fx, "fwd_ms"),
+                 f(fx, "fwd_bwd_ms"), ratio(fa, "fwd_ms", fwd_mask), ratio(fa, "fwd_bwd_ms", r["total_ms"]),
+                 ratio(fx, "fwd_bwd_ms", r["total_ms"]), f"{r['computed_pairs'] / r['dense_causal_pairs']:.2f}",
+                 f"{r['peak_bytes'] / 1e9:.2f}", gb(fa), gb(fx)]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
         rows.append((N, w, r, fa, cu, fx))
     print("\nTFLOP/s count 4*D FLOPs per kept (query, key) pair forward and 10*D backward; the"
           " dense peers count every causal pair. Ratios > 1 mean DMA is faster (time of the peer /"
-          " time of DMA). DMA times include the dynamic weights and the mask build.")
+          " time of DMA). DMA times include the dynamic weights and the mask build; Flex's block"
+          " mask build (its 'Flex block mask' column) is not in its fwd and fwd+bwd times. DMA mem"
+          " is the sum of its device buffers; the peers' is torch.cuda.max_memory_allocated.")
     for p in peers:
         if "error" in p:
             print(f"\n- {p['peer']} N={p['N']} w={p.get('w')}: {p['error']}")
