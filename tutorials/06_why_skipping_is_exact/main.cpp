@@ -12,7 +12,10 @@
 //   dense-masked  every causal pair j <= p_i; masked ones computed as -inf
 //   tile skip     Bq x Bk tiles; a tile that holds no kept pair is never visited
 //   gather        each query tile visits only its candidate keys: the keys some query of the tile
-//                 keeps, found from the eviction positions e_j of step 3 (j <= p <= e_j)
+//                 keeps, found from the eviction positions e_j of step 3 (j <= p <= e_j). Here each
+//                 row takes the candidates up to its own position; a GPU tile computes every row
+//                 against all its candidates and lets the element mask zero the rest (step 7
+//                 counts that work), which adds the same exact zeros.
 // and check the outputs and all gradients are bitwise identical, while the work shrinks.
 // Finally the project's tiled implementation (dma::tiled_forward / tiled_backward, skip and gather
 // modes) is checked against its scalar reference.
