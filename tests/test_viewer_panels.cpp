@@ -11,7 +11,10 @@
 #include <fstream>
 #include <cmath>
 #include <thread>
+#include <unistd.h>
+#include <random>
 
+#include "heatmap.hpp"
 #include "inspector.hpp"
 #include "panels.hpp"
 
@@ -394,6 +397,61 @@ TEST_CASE("live CUDA against the CPU reference on the same bf16-rounded inputs")
     CHECK(row.rel_l2 <= (row.tensor[0] == 'd' && row.tensor != "delta" ? 2e-2 : 1e-2));
   }
   CHECK(snap->compare->evict_mismatches == 0);
+}
+
+
+TEST_CASE("opening dma_run bundles: non-causal Lq > Lk - no mask - wrong shapes") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("dma_viewer_bundles_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd;
+  auto randn = [&](int64_t n) { std::vector<float> x(static_cast<size_t>(n)); for (auto& e : x) e = nd(rng); return x; };
+  // Writes the bundle dma_run would write for this problem: inputs and outputs.
+  auto write = [&](const std::string& name, const dma::Shape& sh, bool causal, bool keep_mask) {
+    dma::Problem<float> p;
+    p.shape = sh;
+    p.opt.window = 6;
+    p.opt.causal = causal;
+    p.q = randn(sh.q_numel()); p.k = randn(sh.kv_numel()); p.v = randn(sh.kv_numel());
+    p.w_dt = randn(sh.w_dt_numel()); for (auto& w : p.w_dt) w *= 0.2f;
+    p.a.assign(static_cast<size_t>(sh.Hd), 1.0f);
+    p.dout = randn(sh.q_numel());
+    const dma::Result<float> r = dma::run_pipeline(p, dma::Backend::cpu);
+    dma::Bundle b;
+    b.arrays["q"] = dma::make_npy(p.q, {sh.B, sh.Hq, sh.Lq, sh.D});
+    b.arrays["k"] = dma::make_npy(p.k, {sh.B, sh.Hkv, sh.Lk, sh.D});
+    b.arrays["v"] = dma::make_npy(p.v, {sh.B, sh.Hkv, sh.Lk, sh.D});
+    b.arrays["w_dt"] = dma::make_npy(p.w_dt, {sh.Hd, sh.Hkv * sh.D});
+    b.arrays["a"] = dma::make_npy(p.a, {sh.Hd});
+    b.arrays["do"] = dma::make_npy(p.dout, {sh.B, sh.Hq, sh.Lq, sh.D});
+    dma::add_outputs(b, sh, r);
+    if (!keep_mask) b.arrays.erase("mask");
+    dma::write_bundle((dir / name).string(), b);
+    return (dir / name).string();
+  };
+  dma::Shape sh;
+  sh.Hq = 2; sh.Hkv = 1; sh.Hd = 1; sh.Lq = 40; sh.Lk = 20; sh.D = 8;
+  // non-causal with Lq > Lk: the mask scan must not start before key 0 (it once read out of bounds)
+  auto d = load_bundle_data(write("nc_wide", sh, false, true), "nc");
+  CHECK(!d->causal);
+  CHECK(d->window == 6);
+  // without a mask, causal or not is read off the stored lse
+  sh.Lq = 20; sh.Lk = 30;
+  CHECK(!load_bundle_data(write("nc_nomask", sh, false, false), "x")->causal);
+  CHECK(load_bundle_data(write("c_nomask", sh, true, false), "x")->causal);
+  // a stored output of the wrong shape is an error, not an out-of-bounds read
+  const std::string bad = write("bad_evict", sh, true, true);
+  dma::write_npy(bad + "/evict.npy", dma::make_npy(std::vector<int64_t>(5, 0), {1, 1, 5}));
+  CHECK_THROWS_AS(load_bundle_data(bad, "bad"), dma::Error);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("fit_rect keeps one query against many keys visible") {
+  const Rect r = fit_rect(Rect{0, 0, 800, 600}, 1, 2048);
+  CHECK(r.h >= 8);
+  CHECK(r.w == doctest::Approx(800));
 }
 
 }  // TEST_SUITE

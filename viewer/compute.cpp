@@ -142,10 +142,22 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
   // Infer how the stored outputs were computed, so that opening a dma_run bundle shows the same.
   d->window = static_cast<int>(std::min<int64_t>(32, s.Lk));
   d->causal = s.Lq <= s.Lk;  // causal needs Lq <= Lk
+  // Stored outputs are read by index below: their shapes must be the inputs' (a hostile or mixed-up
+  // bundle would otherwise read out of bounds).
+  auto expect_shape = [&](const char* name, const std::vector<int64_t>& shape) {
+    if (b.has(name) && b.arrays.at(name).shape != shape)
+      throw Error(std::string(name) + ": shape does not match the inputs' (expected B, " +
+                  (std::string(name) == "mask" ? "Hd, Lq, Lk)" : std::string(name) == "lse" ? "Hq, Lq)" : "Hd, Lk)"));
+  };
+  expect_shape("evict", {s.B, s.Hd, s.Lk});
+  expect_shape("mask", {s.B, s.Hd, s.Lq, s.Lk});
+  expect_shape("delta", {s.B, s.Hd, s.Lk});
+  expect_shape("lse", {s.B, s.Hq, s.Lq});
+  std::vector<int64_t> evict;
   if (b.has("evict")) {
     // The last query sees every key (causal or not), and keeps min(w, Lk) of them: those with
     // e_j = Lk - 1. So the count of such keys is w, unless w >= Lk.
-    const std::vector<int64_t> evict = npy_to_i64(b.arrays.at("evict"));
+    evict = npy_to_i64(b.arrays.at("evict"));
     int64_t kept_by_last = 0;
     for (int64_t j = 0; j < s.Lk; ++j) kept_by_last += evict[j] >= s.Lk - 1;
     d->window = static_cast<int>(kept_by_last);
@@ -157,7 +169,7 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
     const uint8_t* mk = m.data.data();
     bool beyond = false;
     for (int64_t i = 0; i < s.Lq && !beyond; ++i)
-      for (int64_t j = i + (s.Lk - s.Lq) + 1; j < s.Lk; ++j)
+      for (int64_t j = std::max<int64_t>(0, i + (s.Lk - s.Lq) + 1); j < s.Lk; ++j)
         if (mk[i * s.Lk + j]) { beyond = true; break; }
     d->causal = !beyond;
     d->notes += beyond ? "non-causal from mask; " : "causal from mask; ";
@@ -174,6 +186,24 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
       }
     }
     d->notes += std::string("form ") + form_name(d->form) + " from delta; ";
+  }
+  if (!b.has("mask") && b.has("lse") && !evict.empty() && s.Lq <= s.Lk) {
+    // No mask (too large for dma_run to write, or left out): evict is the same formula causal or
+    // not, so ask the stored lse which of the two runs it came from.
+    std::vector<float> delta = p.delta;
+    if (delta.empty())
+      delta = b.has("delta") ? npy_to_float<float>(b.arrays.at("delta"), "delta")
+                             : dynamic_weights(s, d->form, p.v, p.w_dt, p.a);
+    const std::vector<float> lse = npy_to_float<float>(b.arrays.at("lse"), "lse");
+    double best = 1e300;
+    for (bool causal : {true, false}) {
+      Options o;
+      o.window = std::max(d->window, 1);
+      o.causal = causal;
+      const double e = rel_max_diff(tiled_forward(s, o, TileConfig{}, p.q, p.k, p.v, delta, evict).lse, lse);
+      if (e < best) { best = e; d->causal = causal; }
+    }
+    d->notes += d->causal ? "causal from lse; " : "non-causal from lse; ";
   }
   if (!d->has_stored_outputs) d->notes += "inputs only";
   return d;

@@ -187,6 +187,10 @@ Rect fit_rect(const Rect& avail, int64_t rows, int64_t cols) {
     w = avail.h * aspect;
   }
   w = std::max(w, std::min(avail.w, avail.w * 0.25f));
+  // A very wide one (e.g. one query against 2048 keys) would be a line: give every row at least
+  // 8 pixels, up to a quarter of the height, so it can still be seen and hovered.
+  h = std::max(h, std::min(avail.h * 0.25f, 8.0f * static_cast<float>(rows)));
+  h = std::min(h, avail.h);
   return {avail.x + 0.5f * (avail.w - w), avail.y, w, h};  // centred across, top-aligned
 }
 

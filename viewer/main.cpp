@@ -165,7 +165,8 @@ int main(int argc, char** argv) {
     if (view == views[k]) st.view.kind = static_cast<dv::ViewKind>(k);
   st.view.locked_head = head;
   long long hq = 0, hk = 0;
-  if (!hover.empty() && std::sscanf(hover.c_str(), "%lld,%lld", &hq, &hk) == 2)
+  // --hover scripts the mouse for headless screenshots only: interactively the real mouse rules.
+  if (frames > 0 && !hover.empty() && std::sscanf(hover.c_str(), "%lld,%lld", &hq, &hk) == 2)
     st.script_hover = dv::Cell{hq, hk};
   long long z[4];
   if (!zoom.empty() && std::sscanf(zoom.c_str(), "%lld,%lld,%lld,%lld", &z[0], &z[1], &z[2], &z[3]) == 4)
@@ -272,8 +273,10 @@ int main(int argc, char** argv) {
                         "the slowest frame with the worker idle (textures built) took %.1f ms\n",
                         counted - 2, 1e3 * counted_seconds / (counted - 2),
                         (counted - 2) / std::max(counted_seconds, 1e-9), 1e3 * slowest_s);
-          if (st.snap && !st.snap->error.empty())
+          if (st.snap && !st.snap->error.empty()) {  // a headless check must not pass over it
             std::printf("dma_inspector: the result holds an error: %s\n", st.snap->error.c_str());
+            exit_code = 1;
+          }
           glfwSwapBuffers(win);
           break;
         }
