@@ -284,7 +284,8 @@ void panel_head_view(InspectorState& st, float bars_height) {
   if (grid) {
     const float tile_w = img.w * grid->Bk / static_cast<float>(w.cols());
     const float tile_h = img.h * grid->Bq / static_cast<float>(w.rows());
-    if (vs.show_skipped) {  // only the tiles inside the window
+    if (vs.show_skipped && tile_w >= 4 && tile_h >= 4) {  // only the tiles inside the window
+      // (tiles under 4 pixels are not hatched: thousands of them would cost whole frames)
       for (int64_t qt = w.r0 / grid->Bq; qt * grid->Bq < w.r1; ++qt)
         for (int64_t kt = w.c0 / grid->Bk; kt * grid->Bk < w.c1; ++kt)
           if (grid->at(qt, kt) == TileClass::skipped)

@@ -14,6 +14,10 @@ namespace {
 
 // A duration in adaptive units, the exact value on hover (as Tracy does).
 void time_cell(double ms) {
+  if (ms <= 0) {  // a phase that did not run (given delta, no do)
+    ImGui::TextDisabled("-");
+    return;
+  }
   ImGui::TextUnformatted(format_duration(ms).c_str());
   if (ImGui::IsItemHovered()) ImGui::SetTooltip("%.6f ms", ms);
 }
