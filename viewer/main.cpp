@@ -289,6 +289,9 @@ int main(int argc, char** argv) {
       glfwSwapBuffers(win);
     }
     dv::release_textures(st);
+    // The worker finishes its current step before it joins (the core reference has no cancel
+    // point inside a step): hide the window first, so closing looks immediate.
+    glfwHideWindow(win);
     st.worker = nullptr;
   }  // the worker joins here, before the context goes away
 
