@@ -23,6 +23,13 @@ add_test(NAME viewer_xvfb_random_2048
                  --random --lq 512 --lk 2048 --hq 8 --hkv 2 --window 128 --view mask)
 set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 PROPERTIES
                      LABELS "gui;xvfb" SKIP_RETURN_CODE 77 TIMEOUT 600)
+if(DMA_SANITIZE)
+  # Mesa's driver, loaded and unloaded at run time, leaves ~112 bytes at exit from frames that
+  # cannot be attributed: leak checking is off for the two windowed runs (address and UB checks
+  # stay on; test_viewer, which drives the same panels without a window, keeps leak checking).
+  set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 PROPERTIES
+                       ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0")
+endif()
 # Without a display the inspector exits 77 (so that ctest reports GUI runs as skipped there).
 add_test(NAME viewer_no_display COMMAND test_viewer_xvfb --no-display $<TARGET_FILE:dma_inspector>)
 set_tests_properties(viewer_no_display PROPERTIES LABELS "gui" TIMEOUT 60)
