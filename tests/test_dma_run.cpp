@@ -54,18 +54,7 @@ Run dma_run(const Scratch& tmp, const std::string& args) {
 
 template <typename T>
 void write_problem(const std::string& dir, const Problem<T>& p) {
-  const Shape& s = p.shape;
-  Bundle b;
-  b.arrays["q"] = make_npy(p.q, {s.B, s.Hq, s.Lq, s.D});
-  b.arrays["k"] = make_npy(p.k, {s.B, s.Hkv, s.Lk, s.D});
-  b.arrays["v"] = make_npy(p.v, {s.B, s.Hkv, s.Lk, s.D});
-  if (p.delta_given()) b.arrays["delta"] = make_npy(p.delta, {s.B, s.Hd, s.Lk});
-  else {
-    b.arrays["w_dt"] = make_npy(p.w_dt, {s.Hd, s.Hkv * s.D});
-    b.arrays["a"] = make_npy(p.a, {s.Hd});
-  }
-  if (p.has_backward()) b.arrays["do"] = make_npy(p.dout, {s.B, s.Hq, s.Lq, s.D});
-  write_bundle(dir, b);
+  write_bundle(dir, bundle_from_problem(p));
 }
 
 int count_lines(const std::string& s) {

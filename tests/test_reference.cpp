@@ -129,12 +129,7 @@ TEST_SUITE("cpu") {
     const Shape s = make_shape(1, 2, 2, 2, 16, 16, 16);
     const Options opt = make_options(6);
     Problem<double> pd = random_problem<double>(s, opt, test_seed() + 6);
-    Problem<float> pf;
-    pf.shape = s;
-    pf.opt = opt;
-    auto to_f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-    pf.q = to_f(pd.q); pf.k = to_f(pd.k); pf.v = to_f(pd.v);
-    pf.w_dt = to_f(pd.w_dt); pf.a = to_f(pd.a); pf.dout = to_f(pd.dout);
+    const Problem<float> pf = to_float(pd);
     const auto rd = run_pipeline(pd, Backend::cpu);
     const auto rf = run_pipeline(pf, Backend::cpu);
     REQUIRE(rf.evict == rd.evict);  // no near-ties at these sizes

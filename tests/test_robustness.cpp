@@ -19,16 +19,6 @@ using namespace dma_test;
 
 namespace {
 
-Problem<float> to_float(const Problem<double>& p) {
-  auto f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-  Problem<float> out;
-  out.shape = p.shape;
-  out.opt = p.opt;
-  out.q = f(p.q); out.k = f(p.k); out.v = f(p.v);
-  out.w_dt = f(p.w_dt); out.a = f(p.a); out.delta = f(p.delta); out.dout = f(p.dout);
-  return out;
-}
-
 // The float64 problem on exactly the float32 values.
 Problem<double> rounded(const Problem<double>& p) {
   auto r = [](const std::vector<double>& x) {

@@ -56,6 +56,17 @@ inline dma::Options make_options(int64_t window, bool causal = true, dma::Form f
   return o;
 }
 
+// The same problem in float32 (values rounded).
+inline dma::Problem<float> to_float(const dma::Problem<double>& p) {
+  auto f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+  dma::Problem<float> out;
+  out.shape = p.shape;
+  out.opt = p.opt;
+  out.q = f(p.q); out.k = f(p.k); out.v = f(p.v);
+  out.w_dt = f(p.w_dt); out.a = f(p.a); out.delta = f(p.delta); out.dout = f(p.dout);
+  return out;
+}
+
 // max|got - ref| / max(max|ref|, floor)
 template <typename A, typename B>
 double max_rel_error(const std::vector<A>& got, const std::vector<B>& ref, double floor = 1e-30) {

@@ -419,13 +419,7 @@ TEST_CASE("opening dma_run bundles: non-causal Lq > Lk - no mask - wrong shapes"
     p.a.assign(static_cast<size_t>(sh.Hd), 1.0f);
     p.dout = randn(sh.q_numel());
     const dma::Result<float> r = dma::run_pipeline(p, dma::Backend::cpu);
-    dma::Bundle b;
-    b.arrays["q"] = dma::make_npy(p.q, {sh.B, sh.Hq, sh.Lq, sh.D});
-    b.arrays["k"] = dma::make_npy(p.k, {sh.B, sh.Hkv, sh.Lk, sh.D});
-    b.arrays["v"] = dma::make_npy(p.v, {sh.B, sh.Hkv, sh.Lk, sh.D});
-    b.arrays["w_dt"] = dma::make_npy(p.w_dt, {sh.Hd, sh.Hkv * sh.D});
-    b.arrays["a"] = dma::make_npy(p.a, {sh.Hd});
-    b.arrays["do"] = dma::make_npy(p.dout, {sh.B, sh.Hq, sh.Lq, sh.D});
+    dma::Bundle b = dma::bundle_from_problem(p);
     dma::add_outputs(b, sh, r);
     if (!keep_mask) b.arrays.erase("mask");
     dma::write_bundle((dir / name).string(), b);

@@ -30,14 +30,6 @@ struct BackendUnavailable : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The output bundle holds the inputs too, so it can be inspected on its own. Re-run, its delta.npy
-// counts as given (DESIGN.md §4): dma_run then says so.
-dma::Bundle inputs_of(const dma::Bundle& in) {
-  dma::Bundle out;
-  for (const char* name : {"q", "k", "v", "w_dt", "a", "do", "delta"})
-    if (in.has(name)) out.arrays[name] = in.arrays.at(name);
-  return out;
-}
 
 template <typename T>
 void print_summary(const dma::Shape& s, const char* backend, const dma::Result<T>& r) {
@@ -67,7 +59,7 @@ void run_cpu(const Args& args, const dma::Bundle& in, const dma::Options& opt) {
                                         : dma::TileMode::gather;
   const bool small_mask = p.shape.mask_numel() <= dma::kMaxMaskElements;
   const dma::Result<T> r = dma::run_pipeline(p, backend, tc, small_mask);
-  dma::Bundle out = inputs_of(in);
+  dma::Bundle out = in;  // the inputs travel with the outputs (a re-run takes delta as given)
   dma::add_outputs(out, p.shape, r);
   dma::write_bundle(args.out, out);
   print_summary(p.shape, dma::backend_name(backend), r);
@@ -83,7 +75,7 @@ void run_cuda([[maybe_unused]] const Args& args, [[maybe_unused]] const dma::Bun
   dma::Result<float> r = dma::cuda::run_pipeline(p, dma::cuda::Precision::bf16);
   if (p.shape.mask_numel() <= dma::kMaxMaskElements)  // the kernels keep only evict
     r.mask = dma::mask_from_evict(p.shape, p.opt, r.evict);
-  dma::Bundle out = inputs_of(in);
+  dma::Bundle out = in;  // the inputs travel with the outputs (a re-run takes delta as given)
   dma::add_outputs(out, p.shape, r);
   dma::write_bundle(args.out, out);
   print_summary(p.shape, "cuda", r);

@@ -23,19 +23,18 @@ std::vector<T> normal(std::mt19937_64& rng, int64_t n, double stddev) {
 template <typename T>
 dma::Bundle random_bundle(const dma::Shape& s, uint64_t seed, bool with_do) {
   std::mt19937_64 rng(seed);
-  dma::Bundle b;
-  b.arrays["q"] = dma::make_npy(normal<T>(rng, s.q_numel(), 1.0), {s.B, s.Hq, s.Lq, s.D});
-  b.arrays["k"] = dma::make_npy(normal<T>(rng, s.kv_numel(), 1.0), {s.B, s.Hkv, s.Lk, s.D});
-  b.arrays["v"] = dma::make_npy(normal<T>(rng, s.kv_numel(), 1.0), {s.B, s.Hkv, s.Lk, s.D});
+  dma::Problem<T> p;
+  p.shape = s;
+  p.q = normal<T>(rng, s.q_numel(), 1.0);
+  p.k = normal<T>(rng, s.kv_numel(), 1.0);
+  p.v = normal<T>(rng, s.kv_numel(), 1.0);
   // w_dt ~ 1/sqrt(fan-in) keeps z = vflat . w_dt of order 1, so delta stays moderate.
-  b.arrays["w_dt"] = dma::make_npy(normal<T>(rng, s.w_dt_numel(), 1.0 / std::sqrt(double(s.Hkv * s.D))),
-                                   {s.Hd, s.Hkv * s.D});
+  p.w_dt = normal<T>(rng, s.w_dt_numel(), 1.0 / std::sqrt(double(s.Hkv * s.D)));
   std::uniform_real_distribution<double> a_dist(0.5, 1.5);
-  std::vector<T> a(static_cast<size_t>(s.Hd));
-  for (auto& e : a) e = static_cast<T>(a_dist(rng));
-  b.arrays["a"] = dma::make_npy(a, {s.Hd});
-  if (with_do) b.arrays["do"] = dma::make_npy(normal<T>(rng, s.q_numel(), 1.0), {s.B, s.Hq, s.Lq, s.D});
-  return b;
+  p.a.resize(static_cast<size_t>(s.Hd));
+  for (auto& e : p.a) e = static_cast<T>(a_dist(rng));
+  if (with_do) p.dout = normal<T>(rng, s.q_numel(), 1.0);
+  return dma::bundle_from_problem(p);
 }
 
 }  // namespace

@@ -129,6 +129,23 @@ Problem<T> problem_from_bundle(const Bundle& b, const Options& opt) {
 }
 
 template <typename T>
+Bundle bundle_from_problem(const Problem<T>& p) {
+  const Shape& s = p.shape;
+  Bundle b;
+  b.arrays["q"] = make_npy(p.q, {s.B, s.Hq, s.Lq, s.D});
+  b.arrays["k"] = make_npy(p.k, {s.B, s.Hkv, s.Lk, s.D});
+  b.arrays["v"] = make_npy(p.v, {s.B, s.Hkv, s.Lk, s.D});
+  if (p.delta_given()) {
+    b.arrays["delta"] = make_npy(p.delta, {s.B, s.Hd, s.Lk});
+  } else {
+    b.arrays["w_dt"] = make_npy(p.w_dt, {s.Hd, s.Hkv * s.D});
+    b.arrays["a"] = make_npy(p.a, {s.Hd});
+  }
+  if (p.has_backward()) b.arrays["do"] = make_npy(p.dout, {s.B, s.Hq, s.Lq, s.D});
+  return b;
+}
+
+template <typename T>
 void add_outputs(Bundle& b, const Shape& s, const Result<T>& r) {
   const std::vector<int64_t> q_dims{s.B, s.Hq, s.Lq, s.D}, kv_dims{s.B, s.Hkv, s.Lk, s.D};
   b.arrays["delta"] = make_npy(r.delta, {s.B, s.Hd, s.Lk});
@@ -193,6 +210,8 @@ void write_bundle(const std::string& out_dir, const Bundle& b) {
 
 template Problem<float> problem_from_bundle(const Bundle&, const Options&);
 template Problem<double> problem_from_bundle(const Bundle&, const Options&);
+template Bundle bundle_from_problem(const Problem<float>&);
+template Bundle bundle_from_problem(const Problem<double>&);
 template void add_outputs(Bundle&, const Shape&, const Result<float>&);
 template void add_outputs(Bundle&, const Shape&, const Result<double>&);
 

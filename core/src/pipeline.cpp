@@ -47,12 +47,10 @@ namespace {
 // 3e38, a huge scale, the exp form's backward), and a NaN must never leave silently.
 template <typename T>
 void check_output(const std::vector<T>& t, const std::vector<int64_t>& dims, const char* name) {
-  for (size_t n = 0; n < t.size(); ++n)
-    if (!std::isfinite(t[n]))
-      throw Error(std::string(name) + format_index(static_cast<int64_t>(n), dims) +
-                  " is not finite: the computation overflowed " +
-                  (sizeof(T) == 4 ? "float32 (try float64 inputs)" : "float64") +
-                  "; the inputs are too large");
+  const int64_t n = first_non_finite(t);
+  if (n >= 0)
+    throw Error(std::string(name) + format_index(n, dims) + " is not finite: the computation overflowed " +
+                (sizeof(T) == 4 ? "float32 (try float64 inputs)" : "float64") + "; the inputs are too large");
 }
 
 template <typename T>

@@ -48,16 +48,25 @@ void validate_numel(const std::vector<T>& t, int64_t expected, const std::string
 }
 
 template <typename T>
+int64_t first_non_finite(const std::vector<T>& t) {
+  for (size_t n = 0; n < t.size(); ++n)
+    if (!std::isfinite(t[n])) return static_cast<int64_t>(n);
+  return -1;
+}
+
+template <typename T>
 void validate_finite(const std::vector<T>& t, const std::vector<int64_t>& dims,
                      const std::string& name) {
-  for (size_t n = 0; n < t.size(); ++n)
-    if (!std::isfinite(t[n]))
-      throw Error(name + format_index(static_cast<int64_t>(n), dims) + " is " +
-                  (std::isnan(t[n]) ? "nan" : t[n] > 0 ? "inf" : "-inf") + " (inputs must be finite)");
+  const int64_t n = first_non_finite(t);
+  if (n >= 0)
+    throw Error(name + format_index(n, dims) + " is " +
+                (std::isnan(t[n]) ? "nan" : t[n] > 0 ? "inf" : "-inf") + " (inputs must be finite)");
 }
 
 template void validate_numel(const std::vector<float>&, int64_t, const std::string&);
 template void validate_numel(const std::vector<double>&, int64_t, const std::string&);
+template int64_t first_non_finite(const std::vector<float>&);
+template int64_t first_non_finite(const std::vector<double>&);
 template void validate_finite(const std::vector<float>&, const std::vector<int64_t>&,
                               const std::string&);
 template void validate_finite(const std::vector<double>&, const std::vector<int64_t>&,

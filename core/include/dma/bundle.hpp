@@ -31,6 +31,10 @@ Problem<T> problem_from_bundle(const Bundle& b, const Options& opt);
 // Masks larger than this many elements are not written (DESIGN.md §4).
 constexpr int64_t kMaxMaskElements = int64_t{1} << 26;
 
+// The inverse: a bundle of the problem's input tensors (q k v, w_dt a or delta, do if present).
+template <typename T>
+Bundle bundle_from_problem(const Problem<T>& p);
+
 // Adds the outputs of a run to a bundle (float outputs in T; mask only when it is small enough).
 template <typename T>
 void add_outputs(Bundle& b, const Shape& s, const Result<T>& r);

@@ -16,6 +16,10 @@ void validate_options(const Shape& s, const Options& opt);
 // A tensor has the numel its shape says.
 template <typename T>
 void validate_numel(const std::vector<T>& t, int64_t expected, const std::string& name);
+// The flat index of the first NaN or infinity in t, or -1 when every element is finite.
+template <typename T>
+int64_t first_non_finite(const std::vector<T>& t);
+
 // Every element is finite; else "q[0,1,2,3] is nan" (dims give the index layout).
 template <typename T>
 void validate_finite(const std::vector<T>& t, const std::vector<int64_t>& dims,
