@@ -1,4 +1,5 @@
-// Helpers shared by the core test suites: random problems and error measures (DESIGN.md §5).
+// Helpers shared by the test suites (docs/design.md §5): the seed of the run, small random
+// vectors, shapes and options.
 #pragma once
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "dma/numerics.hpp"
 #include "dma/pipeline.hpp"
 
 namespace dma_test {
@@ -22,24 +24,10 @@ std::vector<T> randn(std::mt19937_64& rng, int64_t n, double stddev = 1.0) {
   return x;
 }
 
-// A random problem with moderate values (w_dt ~ 1/sqrt(Hkv*D), a in [0.5, 1.5]).
-template <typename T>
-dma::Problem<T> random_problem(const dma::Shape& s, const dma::Options& opt, uint64_t seed,
-                               bool with_do = true) {
-  std::mt19937_64 rng(seed);
-  dma::Problem<T> p;
-  p.shape = s;
-  p.opt = opt;
-  p.q = randn<T>(rng, s.q_numel());
-  p.k = randn<T>(rng, s.kv_numel());
-  p.v = randn<T>(rng, s.kv_numel());
-  p.w_dt = randn<T>(rng, s.w_dt_numel(), 1.0 / std::sqrt(double(s.Hkv * s.D)));
-  std::uniform_real_distribution<double> a_dist(0.5, 1.5);
-  p.a.resize(static_cast<size_t>(s.Hd));
-  for (auto& e : p.a) e = static_cast<T>(a_dist(rng));
-  if (with_do) p.dout = randn<T>(rng, s.q_numel());
-  return p;
-}
+// Random problems and error measures are core's (dma/numerics.hpp), shared with the GPU tests,
+// the inspector and the benchmarks.
+using dma::max_rel_error;
+using dma::random_problem;
 
 inline dma::Shape make_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t Hd, int64_t Lq,
                              int64_t Lk, int64_t D) {
@@ -65,17 +53,6 @@ inline dma::Problem<float> to_float(const dma::Problem<double>& p) {
   out.q = f(p.q); out.k = f(p.k); out.v = f(p.v);
   out.w_dt = f(p.w_dt); out.a = f(p.a); out.delta = f(p.delta); out.dout = f(p.dout);
   return out;
-}
-
-// max|got - ref| / max(max|ref|, floor)
-template <typename A, typename B>
-double max_rel_error(const std::vector<A>& got, const std::vector<B>& ref, double floor = 1e-30) {
-  double diff = 0, mag = floor;
-  for (size_t n = 0; n < ref.size(); ++n) {
-    diff = std::max(diff, std::abs(double(got[n]) - double(ref[n])));
-    mag = std::max(mag, std::abs(double(ref[n])));
-  }
-  return got.size() == ref.size() ? diff / mag : INFINITY;
 }
 
 }  // namespace dma_test

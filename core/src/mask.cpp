@@ -1,4 +1,4 @@
-// The dynamic mask, paper Eq. 4, in its explicit and its eviction-interval form (DESIGN.md §1.2, §2).
+// The dynamic mask, paper Eq. 4, in its explicit and its eviction-interval form (docs/design.md §1.2, §2).
 #include "dma/mask.hpp"
 
 #include <algorithm>
@@ -37,7 +37,7 @@ std::vector<int64_t> evict_positions(const Shape& s, int64_t window, const std::
   // Let t(p) be the w-th highest-ranked key among positions <= p. Key j is outranked by at least
   // w keys of the prefix [0..p] exactly when t(p) ranks above j, and t(p) only rises with p, so
   //   e_j = (the first p at which t(p) ranks above j) - 1,   or Lk-1 if there is none.
-  // This is the "one less than the position of the w-th key ranked above j" of DESIGN.md §2,
+  // This is the "one less than the position of the w-th key ranked above j" of docs/design.md §2,
   // and it is < j for a key outranked w times before it even arrives (never kept).
   std::vector<int64_t> evict(s.delta_numel(), s.Lk - 1);
   std::vector<int64_t> threshold(s.Lk, -1);  // t(p); -1 while the prefix holds fewer than w keys
@@ -98,7 +98,7 @@ std::vector<int64_t> candidate_keys(const Shape& s, const Options& opt, const in
   const int64_t p_last = query_position(s, opt.causal, q_last);
   std::vector<int64_t> keys;
   for (int64_t j = 0; j <= p_last; ++j)
-    if (evict_bh[j] >= std::max(j, p_first)) keys.push_back(j);
+    if (rule::is_candidate(j, evict_bh[j], p_first)) keys.push_back(j);
   return keys;
 }
 
@@ -107,7 +107,7 @@ bool tile_has_kept_key(const Shape& s, const Options& opt, const int64_t* evict_
   const int64_t p_first = query_position(s, opt.causal, q_first);
   const int64_t p_last = query_position(s, opt.causal, q_last);
   for (int64_t j = k_first; j <= std::min(k_last, p_last); ++j)
-    if (evict_bh[j] >= std::max(j, p_first)) return true;
+    if (rule::is_candidate(j, evict_bh[j], p_first)) return true;
   return false;
 }
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dma/mask.hpp"
+#include "dma/mask_rule.hpp"
 
 namespace {
 
@@ -145,7 +146,7 @@ int main() {
   int interval_errors = 0;
   for (int p = 0; p < Lk; p++)
     for (int j = 0; j < Lk; j++)
-      interval_errors += mask[p * Lk + j] != (j <= p && p <= evict[j]);
+      interval_errors += mask[p * Lk + j] != dma::rule::is_kept<int64_t>(j, p, evict[j]);
   std::printf("  the %d x %d mask rebuilt from these %d integers matches pass 1: %s\n", Lk, Lk, Lk,
               interval_errors ? "NO" : "yes");
   ok = ok && interval_errors == 0;

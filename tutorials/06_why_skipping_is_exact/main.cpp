@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "dma/mask.hpp"
+#include "dma/mask_rule.hpp"
 #include "dma/reference.hpp"
 #include "dma/tiled.hpp"
 
@@ -80,7 +81,7 @@ Outputs attention(const std::vector<double>& q, const std::vector<double>& k,
       const int j = keys[t];
       double dot = 0;
       for (int d = 0; d < D; d++) dot += q[i * D + d] * k[j * D + d];
-      s[t] = (j <= i && i <= evict[j]) ? SCALE * dot + delta[j] : NEG_INF;
+      s[t] = dma::rule::is_kept<int64_t>(j, i, evict[j]) ? SCALE * dot + delta[j] : NEG_INF;
       m = std::fmax(m, s[t]);
     }
     // Pass b: softmax and output. exp(-inf - m) is exactly 0.
@@ -157,7 +158,7 @@ int main() {
       }
     }
   }
-  auto kept = [&](int i, int j) { return j <= i && i <= evict[j]; };
+  auto kept = [&](int i, int j) { return dma::rule::is_kept<int64_t>(j, i, evict[j]); };
   int never_kept = 0;
   for (int j = 0; j < L; j++) never_kept += evict[j] < j;
   std::printf("Pass 1: eviction positions e_j; %d of %d keys are never kept (e_j < j)\n\n",
@@ -174,10 +175,11 @@ int main() {
     for (int j = 0; j <= i; j++)
       if (kept_in_tile[(i / B) * T + j / B] > 0) skip[i].push_back(j);
     // Candidates of i's query tile: keys kept by some query in [q_first, q_last], i.e. j <= q_last
-    // and e_j >= max(j, q_first). At most w + B of them (step 3: selections nest).
+    // and e_j >= max(j, q_first) (dma::rule::is_candidate, the rule the kernels call too). At most
+    // w + B of them (step 3: selections nest).
     const int q_first = (i / B) * B, q_last = q_first + B - 1;
     for (int j = 0; j <= std::min(q_last, i); j++)
-      if (evict[j] >= std::max(j, q_first)) gather[i].push_back(j);
+      if (dma::rule::is_candidate<int64_t>(j, evict[j], q_first)) gather[i].push_back(j);
   }
   std::printf("Pass 2: kept pairs per causal tile ('-' = no kept pair: tile skipping leaves it out)\n");
   std::printf("                 key tile");

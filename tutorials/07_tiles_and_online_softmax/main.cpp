@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "dma/mask.hpp"
+#include "dma/mask_rule.hpp"
 #include "dma/reference.hpp"
 #include "dma/tiled.hpp"
 
@@ -144,7 +145,7 @@ Output tiled_forward(const Problem& P, int Bq, int Bk, Mode mode, Counters& c) {
   const int L = P.L, D = P.D;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   Output out{std::vector<double>(L * D), std::vector<double>(L)};
-  auto kept = [&](int i, int j) { return j <= i && i <= P.evict[j]; };
+  auto kept = [&](int i, int j) { return dma::rule::is_kept<int64_t>(j, i, P.evict[j]); };
 
   for (int i0 = 0; i0 < L; i0 += Bq) {
     const int rows = std::min(Bq, L - i0), p_first = i0, p_last = i0 + rows - 1;
@@ -157,16 +158,18 @@ Output tiled_forward(const Problem& P, int Bq, int Bk, Mode mode, Counters& c) {
       c.pairs_dense += static_cast<long>(rows) * (k_last - k0 + 1);
       bool has_kept = false;  // does some query of the tile keep some key of this block?
       for (int j = k0; j <= k_last && !has_kept; j++)
-        has_kept = std::max<int64_t>(j, p_first) <= std::min<int64_t>(P.evict[j], p_last);
+        has_kept = dma::rule::kept_positions<int64_t>(j, P.evict[j], p_first, p_last) > 0;
       if (mode == Mode::dense || (mode == Mode::skip && has_kept)) {
         blocks.emplace_back();
         for (int j = k0; j <= k_last; j++) blocks.back().push_back(j);
       }
     }
     if (mode == Mode::gather) {
-      std::vector<int> candidates;  // kept by some query in [p_first, p_last]
+      // Kept by some query in [p_first, p_last]: j <= p_last and e_j >= max(j, p_first), the
+      // project's one rule (dma/mask_rule.hpp), which the kernels call too.
+      std::vector<int> candidates;
       for (int j = 0; j <= p_last; j++)
-        if (P.evict[j] >= std::max(j, p_first)) candidates.push_back(j);
+        if (dma::rule::is_candidate<int64_t>(j, P.evict[j], p_first)) candidates.push_back(j);
       for (size_t n = 0; n < candidates.size(); n += Bk)
         blocks.emplace_back(candidates.begin() + n,
                             candidates.begin() + std::min(candidates.size(), n + Bk));
@@ -223,7 +226,7 @@ Output two_pass(const Problem& P) {
     for (int j = 0; j <= i; j++) {
       double dot = 0;
       for (int d = 0; d < D; d++) dot += P.q[i * D + d] * P.k[j * D + d];
-      s[j] = (i <= P.evict[j]) ? scale * dot + P.delta[j] : NEG_INF;
+      s[j] = dma::rule::is_kept<int64_t>(j, i, P.evict[j]) ? scale * dot + P.delta[j] : NEG_INF;
       m = std::fmax(m, s[j]);
     }
     double l = 0;

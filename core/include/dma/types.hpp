@@ -1,6 +1,6 @@
 // Shapes, options and small helpers shared by every part of DMA.
 //
-// Layouts are head-major, C order (DESIGN.md §1):
+// Layouts are head-major, C order (docs/design.md §1):
 //   q     (B, Hq,  Lq, D)        k, v (B, Hkv, Lk, D)
 //   w_dt  (Hd, Hkv*D)            a    (Hd)
 //   delta (B, Hd, Lk)            evict (B, Hd, Lk)     mask (B, Hd, Lq, Lk)
@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "dma/mask_rule.hpp"
 
 namespace dma {
 
@@ -25,10 +27,13 @@ struct Error : std::runtime_error {
 //   linear delta = a * softplus(z)          (flash-dmattn's form, numerically tamer)
 enum class Form { exp, linear };
 
+// The 16-bit element type the GPU kernels read q, k, v and do in (fp32 accumulation always).
+enum class Precision { bf16, fp16 };
+
 const char* form_name(Form f);
 Form parse_form(const std::string& name);  // "exp" or "linear", else dma::Error
 
-// Sizes of one DMA problem, in the notation of DESIGN.md §1.
+// Sizes of one DMA problem, in the notation of docs/design.md §1.
 struct Shape {
   int64_t B = 1;    // batch
   int64_t Hq = 1;   // query heads
@@ -61,21 +66,20 @@ struct Options {
   }
 };
 
-// Absolute position p_i of query i: its allowed keys are j <= p_i (DESIGN.md §1.2).
-// Causal queries are aligned bottom-right, as in decoding; non-causal ones see all Lk keys.
+// Absolute position p_i of query i (the rule itself is in dma/mask_rule.hpp).
 inline int64_t query_position(const Shape& s, bool causal, int64_t i) {
-  return causal ? i + (s.Lk - s.Lq) : s.Lk - 1;
+  return rule::query_position<int64_t>(s.Lq, s.Lk, causal, i);
 }
 
 // The ranking of the dynamic mask: key j1 ranks above key j2 when its delta is larger, and on a
 // tie when it is more recent. One total order, the same for every query: this is what makes the
-// selections of consecutive queries nest (DESIGN.md §2).
+// selections of consecutive queries nest (docs/design.md §2).
 template <typename T>
 inline bool ranks_above(T delta_j1, int64_t j1, T delta_j2, int64_t j2) {
   return delta_j1 > delta_j2 || (delta_j1 == delta_j2 && j1 > j2);
 }
 
 // Key j is kept by the query at position p exactly when j <= p <= e_j (e_j = evict position).
-inline bool is_kept(int64_t j, int64_t p, int64_t evict_j) { return j <= p && p <= evict_j; }
+inline bool is_kept(int64_t j, int64_t p, int64_t evict_j) { return rule::is_kept(j, p, evict_j); }
 
 }  // namespace dma
