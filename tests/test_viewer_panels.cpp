@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <random>
 
+#include "dma/numerics.hpp"
 #include "heatmap.hpp"
 #include "inspector.hpp"
 #include "panels.hpp"
@@ -335,11 +336,11 @@ TEST_CASE("a bundle written by dma_run --backend cuda: stored CUDA outputs again
     REQUIRE(snap->error.empty());
     REQUIRE(snap->compare.get() != nullptr);
     const Comparison& c = *snap->compare;
-    CHECK(c.rows.size() == 6);  // o lse delta dq dk dv
+    CHECK(c.rows.size() == 7);  // o lse delta dq dk dv ddelta
     for (const auto& row : c.rows) {
       CAPTURE(row.tensor);
       CHECK(std::isfinite(row.rel_l2));
-      // On the same bf16-rounded inputs, DESIGN.md §5: selection identical, relative L2 <= 1e-2
+      // On the same bf16-rounded inputs, docs/design.md §5: selection identical, relative L2 <= 1e-2
       // forward and <= 2e-2 for the gradients.
       if (bf16) CHECK(row.rel_l2 <= (row.tensor[0] == 'd' && row.tensor != "delta" ? 2e-2 : 1e-2));
     }
@@ -352,15 +353,49 @@ TEST_CASE("a bundle written by dma_run --backend cuda: stored CUDA outputs again
   }
 }
 
-TEST_CASE("bf16 rounding: nearest - ties to even - as the CUDA kernels round") {
-  // bf16 keeps 7 mantissa bits: one ulp at 1 is 1/128.
-  CHECK(round_bf16(1.0f) == 1.0f);
-  CHECK(round_bf16(1.0f + 1.0f / 256) == 1.0f);               // half an ulp: a tie, 1 is even
-  CHECK(round_bf16(1.0f + 3.0f / 256) == 1.0f + 2.0f / 128);  // a tie: up to the even neighbour
-  CHECK(round_bf16(1.0f + 1.1f / 256) == 1.0f + 1.0f / 128);  // nearest
-  CHECK(round_bf16(1.0f + 0.9f / 256) == 1.0f);
-  CHECK(round_bf16(-2.5f) == -2.5f);
-  CHECK(std::isinf(round_bf16(INFINITY)));
+TEST_CASE("CPU on bf16-rounded inputs: q k v do rounded as the kernels read them - the rest not") {
+  Params p;
+  p.source = Source::random;
+  p.Lq = 24;
+  p.Lk = 40;
+  p.Hq = 2;
+  p.Hkv = 1;
+  p.D = 16;
+  p.window = 8;
+  const dma::Problem<float> exact = make_problem(p, nullptr);
+  p.bf16_inputs = true;
+  const dma::Problem<float> rounded = make_problem(p, nullptr);
+  CHECK(rounded.q == dma::round_to_precision(exact.q, dma::Precision::bf16));
+  CHECK(rounded.k == dma::round_to_precision(exact.k, dma::Precision::bf16));
+  CHECK(rounded.v == dma::round_to_precision(exact.v, dma::Precision::bf16));
+  CHECK(rounded.dout == dma::round_to_precision(exact.dout, dma::Precision::bf16));
+  CHECK(rounded.q != exact.q);
+  CHECK(rounded.w_dt == exact.w_dt);  // delta and its weights stay fp32, as on the GPU
+  CHECK(rounded.a == exact.a);
+  CHECK(exact.a == default_a(1));
+  // Random inputs are the core's random problem of that seed, with the inspector's a.
+  dma::Problem<float> want = dma::random_problem<float>(exact.shape, exact.opt, p.seed);
+  CHECK(exact.q == want.q);
+  CHECK(exact.w_dt == want.w_dt);
+  CHECK(exact.dout == want.dout);
+  // Beyond the inspector's limit: an error before anything is allocated.
+  p.Lq = p.Lk = 4096;
+  p.Hq = 16;
+  CHECK_THROWS_AS(make_problem(p, nullptr), dma::Error);
+}
+
+TEST_CASE("live-timing history: the last kHistoryPasses passes of each backend") {
+  TimingHistory h;
+  for (int n = 0; n < 300; ++n) record_pass(h, BackendId::tiled_gather, n);
+  record_pass(h, BackendId::reference, 7.5);
+  const std::vector<float>& gather = h[static_cast<int>(BackendId::tiled_gather)];
+  REQUIRE(gather.size() == kHistoryPasses);
+  CHECK(kHistoryPasses == 120);
+  CHECK(gather.front() == 300 - 120);  // the oldest dropped, in order
+  CHECK(gather.back() == 299);
+  CHECK(std::is_sorted(gather.begin(), gather.end()));
+  CHECK(h[static_cast<int>(BackendId::reference)] == std::vector<float>{7.5f});  // each its own
+  CHECK(h[static_cast<int>(BackendId::tiled_dense)].empty());
 }
 
 }  // TEST_SUITE

@@ -1,8 +1,9 @@
 # Tests of the inspector (viewer/), included by tests/CMakeLists.txt when dma_inspector exists.
 #
 #   test_viewer       doctest, TEST_SUITE("gui"): the pure helpers (colour maps, downsampling,
-#                     hover mapping, tile classification against the core's counters) and the real
-#                     panels driven in a Dear ImGui context with a fake mouse, no window
+#                     hover mapping, tile classification against the core's counters), the worker's
+#                     jobs (inputs, comparisons, the capped timing history) and the real panels
+#                     driven in a Dear ImGui context with a fake mouse, no window
 #   viewer_xvfb_*     the real executable under xvfb-run: renders, writes a screenshot, which must
 #                     not be blank (labels gui, xvfb; exit 77 = skipped without xvfb-run)
 #   viewer_no_display without a display the executable exits 77

@@ -26,7 +26,7 @@ struct MatrixView {
 };
 
 // last_allowed[r] is the last column row r may see (-1: none); nullptr means every column.
-// For queries under the causal rule this is p_i = i + (Lk - Lq) (DESIGN.md §1.2).
+// For queries under the causal rule this is p_i = i + (Lk - Lq) (docs/design.md §1.2).
 std::vector<int64_t> causal_limits(int64_t Lq, int64_t Lk, bool causal);
 
 enum class Reduce { max, max_abs };

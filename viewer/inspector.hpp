@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
-#include "compute.hpp"
 #include "heatmap.hpp"
 #include "view_data.hpp"
+#include "worker.hpp"
 
 namespace dma::viewer {
 
@@ -69,7 +69,7 @@ struct InspectorState {
 
   // Read once at the start of each frame, so every panel draws the same data.
   std::shared_ptr<const Snapshot> snap;
-  std::array<std::vector<float>, kBackendCount> history;
+  TimingHistory history;
   WorkerStatus status;
 
   ViewState view;

@@ -24,8 +24,9 @@
 #include <string>
 #include <vector>
 
-#include "compute.hpp"
+#include "bundle_data.hpp"
 #include "inspector.hpp"
+#include "worker.hpp"
 
 namespace dv = dma::viewer;
 

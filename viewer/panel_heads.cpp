@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "dma/mask_rule.hpp"
 #include "format.hpp"
 #include "panels.hpp"
 #include "tiles.hpp"
@@ -366,10 +367,10 @@ void panel_head_view(InspectorState& st, float bars_height) {
       const int64_t qt = cell->row / grid->Bq, kt = cell->col / grid->Bk;
       ImGui::Text("tile (%lld, %lld): %s", (long long)qt, (long long)kt,
                   tile_class_name(grid->at(qt, kt)));
-      const int64_t p_first = std::min(s.Lk - 1, query_position(s, v.opt.causal, qt * grid->Bq));
+      const int64_t p_first = rule::query_position<int64_t>(s.Lq, s.Lk, v.opt.causal, qt * grid->Bq);
       const int64_t e = v.evict[bd * s.Lk + cell->col];
       const bool gathered = cell->col <= v.last_allowed[std::min(s.Lq, (qt + 1) * grid->Bq) - 1] &&
-                            e >= std::max(cell->col, p_first);
+                            rule::is_candidate(cell->col, e, p_first);
       ImGui::Text("key %s by its query tile (gather)", gathered ? "gathered" : "not gathered");
       if (e >= cell->col)
         ImGui::TextDisabled("key %lld is kept by the queries at positions %lld..%lld",
@@ -466,7 +467,7 @@ void panel_delta_bars(InspectorState& st) {
     return plot.y + plot.h - (axis(d) - base) / (top_v - base) * (plot.h - 2);
   };
 
-  const int64_t p_i = std::min(s.Lk - 1, query_position(s, v.opt.causal, query));
+  const int64_t p_i = std::min(s.Lk - 1, rule::query_position<int64_t>(s.Lq, s.Lk, v.opt.causal, query));
   const int columns = std::max(1, static_cast<int>(std::min<float>(plot.w, static_cast<float>(nk))));
   const ImU32 kept_col = to_imu32(head_hue(hq, static_cast<int>(s.Hq)));
   for (int c = 0; c < columns; ++c) {
@@ -476,7 +477,7 @@ void panel_delta_bars(InspectorState& st) {
     for (int64_t j = j0; j < j1; ++j) {
       top = std::max(top, delta[j]);
       allowed |= j <= p_i;
-      kept |= is_kept(j, p_i, evict[j]);
+      kept |= rule::is_kept(j, p_i, evict[j]);
     }
     const float x0 = plot.x + plot.w * c / columns, x1 = plot.x + plot.w * (c + 1) / columns;
     const ImU32 col = kept ? kept_col : allowed ? IM_COL32(120, 120, 128, 255) : IM_COL32(60, 60, 66, 255);

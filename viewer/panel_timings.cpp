@@ -10,6 +10,29 @@
 #include "panels.hpp"
 
 namespace dma::viewer {
+
+const char* backend_help(BackendId b) {
+  switch (b) {
+    case BackendId::reference:
+      return "The scalar reference: explicit (Lq x Lk) mask, one query at a time. The heatmaps\n"
+             "come from it, because it alone can hand out the probabilities p and ds.\n"
+             "Its time includes keeping p and ds.";
+    case BackendId::tiled_dense:
+      return "Tiled CPU version, every tile a causal kernel visits, the mask applied inside.\n"
+             "The baseline the speedups are measured against.";
+    case BackendId::tiled_skip:
+      return "Tiled, leaving out tiles that hold no kept key (exact: their p is 0).\n"
+             "Pays on structured delta; on random delta almost every tile holds a kept key.";
+    case BackendId::tiled_gather:
+      return "Tiled, each query tile first gathers its candidate keys (at most w + Bq) and runs\n"
+             "dense tile math on the compacted set: the work falls to the true density.";
+    case BackendId::cuda:
+      return "The CUDA kernels (bf16 inputs, fp32 accumulation), when built with CUDA and a GPU\n"
+             "is present. Times are GPU events.";
+  }
+  return "";
+}
+
 namespace {
 
 // A duration in adaptive units, the exact value on hover (as Tracy does).
@@ -108,7 +131,8 @@ void panel_timings(InspectorState& st) {
   // Work counters of the tiled modes (forward).
   ImGui::Spacing();
   ImGui::TextUnformatted("Tile work (forward)");
-  help_marker("Counted by the tiled implementation, summed over batch and query heads.\n"
+  help_marker("Counted by the tiled implementation, summed over batch and query heads. The\n"
+              "backward walks the same tiles and key blocks, so its counts are the same.\n"
               "tiles skipped: causal-dense tiles left out. work: (query, key) pairs the tile\n"
               "math ran on, over the pairs of a causal-dense kernel. kept: pairs the mask keeps\n"
               "(the least any method must do). max cand.: largest gathered set (<= w + Bq).\n"
@@ -153,7 +177,8 @@ void panel_compare(InspectorState& st) {
   ImGui::TextUnformatted("|CUDA - CPU|");
   help_marker("CUDA outputs against the CPU reference recomputed here (float32 inputs). CUDA\n"
               "computes in bf16 with fp32 accumulation, so expect relative L2 around 1e-3..1e-2;\n"
-              "the selection (evict) should be identical given the same delta.");
+              "the selection (evict) should be identical given the same delta. ddelta is the\n"
+              "gradient of the dynamic weights, summed over the queries that keep each key.");
   ImGui::Checkbox("CPU on bf16-rounded q k v do", &st.params.bf16_inputs);
   help_marker("The CUDA kernels round q, k, v and do to bf16 (delta and every sum stay fp32).\n"
               "Tick this to give the CPU reference the same rounded inputs: the comparison then\n"

@@ -25,6 +25,9 @@ void panel_export(InspectorState& st);
 bool export_heatmap_png(InspectorState& st);
 bool export_matrix_csv(InspectorState& st);
 
+// What each backend is (panel_timings.cpp; the controls show it beside the backend checkboxes).
+const char* backend_help(BackendId b);
+
 // Shared helpers (inspector.cpp).
 void help_marker(const char* text);  // "(?)" with a tooltip, as in the Dear ImGui demo
 ImU32 to_imu32(const Rgba& c, float alpha = 1.0f);

@@ -3,16 +3,14 @@
 #include <algorithm>
 #include <limits>
 
-#include "dma/types.hpp"  // query_position, is_kept, ranks_above: inline, no library needed
+#include "dma/mask_rule.hpp"  // the mask rule: inline, no library needed
+#include "dma/types.hpp"      // ranks_above: inline
 
 namespace dma::viewer {
 namespace {
 
 int64_t position(int64_t Lq, int64_t Lk, bool causal, int64_t i) {
-  Shape s;
-  s.Lq = Lq;
-  s.Lk = Lk;
-  return query_position(s, causal, i);
+  return rule::query_position<int64_t>(Lq, Lk, causal, i);
 }
 
 }  // namespace
@@ -40,7 +38,7 @@ TileGrid classify_tiles(const int64_t* evict_bh, int64_t Lq, int64_t Lk, bool ca
       TileClass c = TileClass::skipped;
       // Key j is kept by some query of the tile when its interval [j, e_j] meets [p_first, p_last].
       for (int64_t j = j0; j <= std::min(j1, p_last); ++j) {
-        if (evict_bh[j] >= std::max(j, p_first)) {
+        if (rule::is_candidate(j, evict_bh[j], p_first)) {
           c = TileClass::visited;
           ++g.candidates[qt];
         }
@@ -57,7 +55,7 @@ std::vector<int64_t> gathered_keys(const int64_t* evict_bh, int64_t Lq, int64_t 
   const int64_t p_last = position(Lq, Lk, causal, q_last);
   std::vector<int64_t> keys;
   for (int64_t j = 0; j <= std::min(p_last, Lk - 1); ++j)
-    if (evict_bh[j] >= std::max(j, p_first)) keys.push_back(j);
+    if (rule::is_candidate(j, evict_bh[j], p_first)) keys.push_back(j);
   return keys;
 }
 
@@ -66,12 +64,12 @@ KeyFacts key_facts(const float* delta_bh, const int64_t* evict_bh, int64_t Lq, i
   KeyFacts f;
   const int64_t p = position(Lq, Lk, causal, query);
   f.allowed = key <= p;
-  f.kept = f.allowed && is_kept(key, p, evict_bh[key]);
+  f.kept = f.allowed && rule::is_kept(key, p, evict_bh[key]);
   f.allowed_keys = std::min(p, Lk - 1) + 1;
   f.threshold = std::numeric_limits<float>::infinity();
   int64_t above = 0;
   for (int64_t j = 0; j < f.allowed_keys; ++j) {
-    if (is_kept(j, p, evict_bh[j])) {
+    if (rule::is_kept(j, p, evict_bh[j])) {
       ++f.kept_keys;
       f.threshold = std::min(f.threshold, delta_bh[j]);
     }

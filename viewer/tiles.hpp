@@ -1,5 +1,5 @@
 // What the tiled kernels do with each Bq x Bk tile, recomputed from the eviction positions alone.
-// Pure (only the inline rules of dma/types.hpp): the inspector draws it, the tests check that it
+// Pure (only the inline rules of dma/mask_rule.hpp and dma/types.hpp): the inspector draws it, the tests check that it
 // agrees with the counters dma::tiled_forward reports.
 //
 //   outside  no allowed (i, j) in the tile: a causal kernel never visits it
@@ -7,7 +7,8 @@
 //   visited  at least one kept (i, j): tile math runs on it
 //
 // And per query tile, the candidate keys TileMode::gather collects: the union of the keys its
-// queries keep, {j <= p_last : e_j >= max(j, p_first)}, at most w + Bq of them (DESIGN.md §2).
+// queries keep, {j <= p_last : rule::is_candidate(j, e_j, p_first)}, at most w + Bq of them
+// (docs/design.md §2).
 #pragma once
 
 #include <cstdint>

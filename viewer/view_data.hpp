@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "compute.hpp"
+#include "jobs.hpp"
 #include "heatmap.hpp"
 
 namespace dma::viewer {

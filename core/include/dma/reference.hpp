@@ -26,7 +26,8 @@ struct AttentionGrads {
 // q (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta (B,Hd,Lk), mask (B,Hd,Lq,Lk) from explicit_mask.
 //   s[i,j] = scale * q_i.k_j + delta_j on kept keys, -inf elsewhere
 //   o_i = softmax(s_i) v,  lse_i = log sum_j exp(s[i,j])
-// If probs is given it receives p (B,Hq,Lq,Lk) (for teaching and the inspector).
+// If probs is given it receives p (B,Hq,Lq,Lk), exactly 0 at every masked (i,j) (for teaching,
+// and for run_pipeline's PipelineHooks::keep_probs); a null probs costs nothing.
 template <typename T>
 ForwardResult<T> reference_forward(const Shape& s, const Options& opt, const std::vector<T>& q,
                                    const std::vector<T>& k, const std::vector<T>& v,
