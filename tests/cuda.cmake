@@ -1,6 +1,11 @@
 # GPU suites (label cuda). Included by tests/CMakeLists.txt when the dma_cuda target exists.
-# The binaries exit 77 when no CUDA device is usable, which ctest reports as skipped.
-add_executable(test_cuda test_cuda_main.cpp test_cuda.cpp)
+# The binary exits 77 when no CUDA device is usable, which ctest reports as skipped.
+#   test_cuda.cpp             the pipeline against the float64 reference, errors, out of memory
+#   test_cuda_device_api.cpp  the device-pointer API: no allocation, graph capture, = the wrapper
+#   test_cuda_rule.cu         the mask rule and the bf16/fp16 rounding: device = host
+add_executable(test_cuda test_main.cpp test_cuda.cpp test_cuda_device_api.cpp test_cuda_rule.cu)
+target_compile_definitions(test_cuda PRIVATE DMA_TEST_NEEDS_CUDA=1)
+target_compile_options(test_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
 target_link_libraries(test_cuda PRIVATE dma_cuda dma_core doctest::doctest CUDA::cudart_static)
 add_test(NAME cuda_tests COMMAND test_cuda)
 set_tests_properties(cuda_tests PROPERTIES LABELS cuda SKIP_RETURN_CODE 77)

@@ -1,4 +1,4 @@
-// The CUDA pipeline against the float64 reference (DESIGN.md §5), on fresh random inputs each run.
+// The CUDA pipeline against the float64 reference (docs/design.md §5), on fresh random inputs each run.
 //
 // The reference is dma::run_pipeline<double> on the same bf16/fp16-rounded inputs, with the GPU's
 // fp32 delta given to it so the selection can be compared exactly (the top-w choice has no
@@ -19,7 +19,9 @@
 #include "dma/cuda.hpp"
 #include "dma/dynamic_weights.hpp"
 #include "dma/mask.hpp"
+#include "dma/numerics.hpp"
 #include "dma/pipeline.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -45,9 +47,9 @@ struct Case {
   }
 };
 
-uint64_t fresh_seed() {
-  static std::random_device rd;
-  return (uint64_t(rd()) << 32) ^ rd();
+// A seed per case from the run's seed (DMA_TEST_SEED replays a failure, case by case).
+uint64_t case_seed(const std::string& name) {
+  return dma_test::test_seed() ^ (std::hash<std::string>{}(name) * 0x9E3779B97F4A7C15ull);
 }
 
 std::vector<float> normal(std::mt19937_64& rng, int64_t n, double sd) {
@@ -59,32 +61,14 @@ std::vector<float> normal(std::mt19937_64& rng, int64_t n, double sd) {
 
 std::vector<double> to_double(const std::vector<float>& x) { return {x.begin(), x.end()}; }
 
-// ||got - ref|| / max(||ref||, floor * sqrt(n)): relative L2 with a small absolute floor for
-// tensors that are zero in exact arithmetic (e.g. dq when w = 1).
-double rel_l2(const std::vector<float>& got, const std::vector<double>& ref, double floor = 1e-4) {
+// Relative L2 with a small absolute floor for tensors that are zero in exact arithmetic (dq when
+// w = 1); the worst row with a larger one, so one wrong tile cannot hide in a tensor-wide norm.
+double rel_l2(const std::vector<float>& got, const std::vector<double>& ref) {
   REQUIRE(got.size() == ref.size());
-  double num = 0, den = 0;
-  for (size_t n = 0; n < ref.size(); ++n) {
-    num += (got[n] - ref[n]) * (got[n] - ref[n]);
-    den += ref[n] * ref[n];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), floor * std::sqrt(double(ref.size())));
+  return dma::rel_l2(got, ref, 1e-4);
 }
-
-// The worst row: max over rows of ||got_row - ref_row|| / max(||ref_row||, floor * sqrt(D)), so
-// one wrong tile cannot hide inside a tensor-wide norm.
-double worst_row_rel_l2(const std::vector<float>& got, const std::vector<double>& ref, int64_t D,
-                        double floor = 1e-3) {
-  double worst = 0;
-  for (size_t r0 = 0; r0 < ref.size(); r0 += static_cast<size_t>(D)) {
-    double num = 0, den = 0;
-    for (size_t n = r0; n < r0 + static_cast<size_t>(D); ++n) {
-      num += (got[n] - ref[n]) * (got[n] - ref[n]);
-      den += ref[n] * ref[n];
-    }
-    worst = std::max(worst, std::sqrt(num) / std::max(std::sqrt(den), floor * std::sqrt(double(D))));
-  }
-  return worst;
+double worst_row_rel_l2(const std::vector<float>& got, const std::vector<double>& ref, int64_t D) {
+  return dma::worst_row_rel_l2(got, ref, D, 1e-3);
 }
 
 bool all_finite(const std::vector<float>& x) {
@@ -98,9 +82,9 @@ dma::Problem<float> make_problem(const Case& c, std::mt19937_64& rng) {
   p.opt.causal = c.causal;
   p.opt.form = c.form;
   const auto& s = p.shape;
-  p.q = dma::cuda::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
-  p.k = dma::cuda::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
-  p.v = dma::cuda::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
+  p.q = dma::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
+  p.k = dma::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
+  p.v = dma::round_to_precision(normal(rng, s.kv_numel(), 1.0), c.prec);
   if (c.delta_given) {
     std::uniform_int_distribution<int> level(0, 2);
     p.delta.resize(static_cast<size_t>(s.delta_numel()));
@@ -111,7 +95,7 @@ dma::Problem<float> make_problem(const Case& c, std::mt19937_64& rng) {
     p.a.resize(static_cast<size_t>(s.Hd));
     for (auto& a : p.a) a = ua(rng);
   }
-  if (c.backward) p.dout = dma::cuda::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
+  if (c.backward) p.dout = dma::round_to_precision(normal(rng, s.q_numel(), 1.0), c.prec);
   return p;
 }
 
@@ -122,13 +106,13 @@ std::vector<char> kept_any(const dma::Shape& s, bool causal, const std::vector<i
   for (int64_t bh = 0; bh < s.B * s.Hd; ++bh)
     for (int64_t j = 0; j < s.Lk; ++j) {
       const int64_t e = evict[bh * s.Lk + j];
-      out[bh * s.Lk + j] = std::max(j, p_lo) <= std::min(e, p_hi);
+      out[bh * s.Lk + j] = dma::rule::kept_positions(j, e, p_lo, p_hi) > 0;
     }
   return out;
 }
 
 void check_case(const Case& c) {
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = case_seed(c.name());
   INFO("case: ", c.name(), "  seed: ", seed);
   std::mt19937_64 rng(seed);
   const dma::Problem<float> p = make_problem(c, rng);
@@ -322,7 +306,7 @@ TEST_SUITE("cuda") {
       for (int64_t w : {1, 7, 512, 3000, 40000}) {
         for (bool ties : {false, true}) {
           Case c{2, 2, 1, 1, 64, Lk, 64, w, true, Form::exp, Precision::bf16, false, ties};
-          const uint64_t seed = fresh_seed();
+          const uint64_t seed = case_seed(c.name());
           INFO("case: ", c.name(), "  seed: ", seed);
           std::mt19937_64 rng(seed);
           const dma::Problem<float> p = make_problem(c, rng);
@@ -347,7 +331,7 @@ TEST_SUITE("cuda") {
   }
 
   TEST_CASE("cuda errors: unsupported head dim and non-finite delta are dma::Error") {
-    std::mt19937_64 rng(fresh_seed());
+    std::mt19937_64 rng(dma_test::test_seed());
     Case c{1, 1, 1, 1, 16, 16, 32, 4};
     CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(make_problem(c, rng)),
                          "D = 32: the CUDA backend supports head dims 64 and 128", dma::Error);
@@ -382,7 +366,7 @@ TEST_SUITE("cuda") {
       hoard.push_back(ptr);
       REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
     }
-    std::mt19937_64 rng(fresh_seed());
+    std::mt19937_64 rng(dma_test::test_seed());
     Case big{1, 8, 8, 8, 32768, 32768, 128, 64};  // q, k, v, o, do, dq, dk, dv: ~1 GiB
     std::string message;
     try {

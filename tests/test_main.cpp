@@ -1,6 +1,8 @@
-// The doctest main of the core suites: prints the random seed (replay a failure with
+// The doctest main of the core and GPU suites: prints the random seed (replay a failure with
 // DMA_TEST_SEED=<seed>) and fails when a filter matched no test case, so a test name that ctest
-// mangled can never pass by running nothing.
+// mangled can never pass by running nothing. Built with DMA_TEST_NEEDS_CUDA (the GPU suites) it
+// exits 77 (ctest: skipped) when no CUDA device is usable, e.g. on CPU-only machines where
+// cudaGetDeviceCount fails with error 35.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -11,6 +13,9 @@
 #include <string>
 
 #include "test_util.hpp"
+#ifdef DMA_TEST_NEEDS_CUDA
+#include "dma/cuda.hpp"
+#endif
 
 namespace dma_test {
 uint64_t test_seed() {
@@ -47,6 +52,13 @@ REGISTER_LISTENER("case_counter", 1, CaseCounter);
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef DMA_TEST_NEEDS_CUDA
+  std::string why;
+  if (!dma::cuda::device_available(&why)) {
+    std::printf("skipping the CUDA tests: %s\n", why.c_str());
+    return 77;
+  }
+#endif
   bool listing = false;
   for (int n = 1; n < argc; ++n) listing |= std::string(argv[n]).rfind("--list", 0) == 0;
   if (!listing)

@@ -65,8 +65,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
   const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kBq;
-  const int shift = d.Lk - d.Lq;
-  auto position = [&](int i) { return d.causal ? i + shift : d.Lk - 1; };
+  auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
   const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
 
   const size_t bhq = (size_t)(b * d.Hq + hq), bhk = (size_t)(b * d.Hkv + hk);
@@ -168,7 +167,7 @@ __global__ void __launch_bounds__(32 * kWarps) backward_kernel(Dims d, AttnArgs 
         const bool valid = col < nt;
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool kept = full || (valid && j <= p_row[r] && p_row[r] <= ej);
+          const bool kept = full || (valid && rule::is_kept(j, p_row[r], ej));
           const float p = kept ? fast_exp2(fmaf(s[n][2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
           s[n][2 * r + e] = p;
           dp[n][2 * r + e] = p * (dp[n][2 * r + e] - dsum[r]);  // dS; exactly 0 where p is 0
@@ -307,10 +306,10 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 }  // namespace
 
 // Needs dk, dv, ddelta zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
-void launch_backward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st) {
-  if (d.D == 64) half ? launch<__half, 64>(d, a, st) : launch<__nv_bfloat16, 64>(d, a, st);
-  else if (d.D == 128) half ? launch<__half, 128>(d, a, st) : launch<__nv_bfloat16, 128>(d, a, st);
-  else throw dma::Error("cuda backward: unsupported head dim " + std::to_string(d.D));
+void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+    launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
+  });
 }
 
 }  // namespace dma::cuda::detail

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "dma/types.hpp"
 
@@ -60,6 +61,27 @@ template <> struct Elem<__half> {
     return __half22float2(*reinterpret_cast<__half2*>(&u));
   }
 };
+
+// ---- precision and head-dim dispatch ---------------------------------------------------------
+// The one place where the run-time element type and head dim become template arguments:
+// f(T{}, std::integral_constant<int, D>{}) with T = __nv_bfloat16 or __half and D = 64 or 128.
+// Every kernel family is instantiated for these four combinations and no others.
+template <int D> using HeadDim = std::integral_constant<int, D>;
+inline bool supported_head_dim(int D) { return D == 64 || D == 128; }
+
+template <typename F>
+void dispatch_elem(Precision p, F&& f) {
+  if (p == Precision::fp16) f(__half{});
+  else f(__nv_bfloat16{});
+}
+template <typename F>
+void dispatch(Precision p, int D, F&& f) {
+  dispatch_elem(p, [&](auto elem) {
+    if (D == 64) f(elem, HeadDim<64>{});
+    else if (D == 128) f(elem, HeadDim<128>{});
+    else throw dma::Error("cuda: unsupported head dim " + std::to_string(D) + " (64 and 128 are)");
+  });
+}
 
 // ---- PTX wrappers -------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -205,36 +205,30 @@ __global__ void dv_extra_kernel(Dims d, const float* __restrict__ w_dt,
 
 }  // namespace
 
-void launch_dynamic_weights(const Dims& d, Form form, bool half, const void* v, const float* w_dt,
+void launch_dynamic_weights(const Dims& d, Form form, const void* v, const float* w_dt,
                             const float* a, float* z, float* delta, cudaStream_t st) {
   const bool linear = form == Form::linear;
-  if (d.Hkv * d.D <= 32 * 8 * kDwVecs) {
-    const int warps = (d.B * d.Lk + kDwKeys - 1) / kDwKeys;
-    const int blocks = (warps + 7) / 8;
-    if (half)
-      dynamic_weights_rows_kernel<__half><<<blocks, 256, 0, st>>>(
-          d, linear, static_cast<const __half*>(v), w_dt, a, z, delta);
-    else
-      dynamic_weights_rows_kernel<__nv_bfloat16><<<blocks, 256, 0, st>>>(
-          d, linear, static_cast<const __nv_bfloat16*>(v), w_dt, a, z, delta);
-    DMA_CUDA_CHECK_LAUNCH(dynamic_weights_rows_kernel);
-    return;
-  }
-  const int warps = d.B * d.Lk, threads = 256;
-  const int blocks = (warps * 32 + threads - 1) / threads;
-  if (half)
-    dynamic_weights_kernel<__half><<<blocks, threads, 0, st>>>(
-        d, linear, static_cast<const __half*>(v), w_dt, a, z, delta);
-  else
-    dynamic_weights_kernel<__nv_bfloat16><<<blocks, threads, 0, st>>>(
-        d, linear, static_cast<const __nv_bfloat16*>(v), w_dt, a, z, delta);
-  DMA_CUDA_CHECK_LAUNCH(dynamic_weights_kernel);
+  dispatch_elem(d.precision, [&](auto elem) {
+    using T = decltype(elem);
+    const T* v_t = static_cast<const T*>(v);
+    if (d.Hkv * d.D <= 32 * 8 * kDwVecs) {
+      const int warps = (d.B * d.Lk + kDwKeys - 1) / kDwKeys;
+      const int blocks = (warps + 7) / 8;
+      dynamic_weights_rows_kernel<T><<<blocks, 256, 0, st>>>(d, linear, v_t, w_dt, a, z, delta);
+      DMA_CUDA_CHECK_LAUNCH(dynamic_weights_rows_kernel);
+      return;
+    }
+    const int warps = d.B * d.Lk, threads = 256;
+    const int blocks = (warps * 32 + threads - 1) / threads;
+    dynamic_weights_kernel<T><<<blocks, threads, 0, st>>>(d, linear, v_t, w_dt, a, z, delta);
+    DMA_CUDA_CHECK_LAUNCH(dynamic_weights_kernel);
+  });
 }
 
-void launch_dynamic_weights_backward(const Dims& d, Form form, bool half, const void* v,
-                                     const float* w_dt, const float* a, const float* z,
-                                     const float* delta, const float* ddelta, float* dz, float* da,
-                                     float* dw_dt, float* dv, cudaStream_t st) {
+void launch_dynamic_weights_backward(const Dims& d, Form form, const void* v, const float* w_dt,
+                                     const float* a, const float* z, const float* delta,
+                                     const float* ddelta, float* dz, float* da, float* dw_dt,
+                                     float* dv, cudaStream_t st) {
   const int HD = d.Hkv * d.D;
   DMA_CUDA_CHECK(cudaMemsetAsync(da, 0, sizeof(float) * d.Hd, st));
   DMA_CUDA_CHECK(cudaMemsetAsync(dw_dt, 0, sizeof(float) * d.Hd * HD, st));
@@ -243,24 +237,19 @@ void launch_dynamic_weights_backward(const Dims& d, Form form, bool half, const 
       d, form == Form::linear, a, z, delta, ddelta, dz, da);
   DMA_CUDA_CHECK_LAUNCH(dz_kernel);
   const int splits = std::max(1, std::min(256, n / 64));
-  if (d.Hd <= kMaxHd) {
-    const dim3 grid_a((HD + 127) / 128, splits);
-    if (half)
-      dw_dt_all_heads_kernel<__half><<<grid_a, 128, 0, st>>>(d, static_cast<const __half*>(v), dz,
-                                                             dw_dt);
-    else
-      dw_dt_all_heads_kernel<__nv_bfloat16><<<grid_a, 128, 0, st>>>(
-          d, static_cast<const __nv_bfloat16*>(v), dz, dw_dt);
-    DMA_CUDA_CHECK_LAUNCH(dw_dt_all_heads_kernel);
-  } else {
-  const dim3 grid_w((HD + 127) / 128, d.Hd, splits);
-  if (half)
-    dw_dt_kernel<__half><<<grid_w, 128, 0, st>>>(d, static_cast<const __half*>(v), dz, dw_dt);
-  else
-    dw_dt_kernel<__nv_bfloat16><<<grid_w, 128, 0, st>>>(d, static_cast<const __nv_bfloat16*>(v),
-                                                        dz, dw_dt);
-  DMA_CUDA_CHECK_LAUNCH(dw_dt_kernel);
-  }
+  dispatch_elem(d.precision, [&](auto elem) {
+    using T = decltype(elem);
+    const T* v_t = static_cast<const T*>(v);
+    if (d.Hd <= kMaxHd) {
+      const dim3 grid_a((HD + 127) / 128, splits);
+      dw_dt_all_heads_kernel<T><<<grid_a, 128, 0, st>>>(d, v_t, dz, dw_dt);
+      DMA_CUDA_CHECK_LAUNCH(dw_dt_all_heads_kernel);
+    } else {
+      const dim3 grid_w((HD + 127) / 128, d.Hd, splits);
+      dw_dt_kernel<T><<<grid_w, 128, 0, st>>>(d, v_t, dz, dw_dt);
+      DMA_CUDA_CHECK_LAUNCH(dw_dt_kernel);
+    }
+  });
   const size_t total = (size_t)d.B * d.Hkv * d.Lk * d.D;
   dv_extra_kernel<<<(unsigned)((total + 255) / 256), 256, 0, st>>>(d, w_dt, dz, dv);
   DMA_CUDA_CHECK_LAUNCH(dv_extra_kernel);

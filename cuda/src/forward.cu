@@ -38,8 +38,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kBq;
-  const int shift = d.Lk - d.Lq;
-  auto position = [&](int i) { return d.causal ? i + shift : d.Lk - 1; };  // p_i
+  auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
   const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
 
   // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
@@ -140,7 +139,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
           const bool valid = col < nt;
           #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const bool kept = valid && j <= p_row[r] && p_row[r] <= ej;
+            const bool kept = valid && rule::is_kept(j, p_row[r], ej);
             float& x = s[n][2 * r + e];
             x = kept ? fmaf(x, scale2, d2) : -INFINITY;
             row_max[r] = fmaxf(row_max[r], x);
@@ -239,8 +238,6 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 
 }  // namespace
 
-bool supported_head_dim(int D) { return D == 64 || D == 128; }
-
 int block_warps() {
   static const int warps = [] {
     const char* env = std::getenv("DMA_CUDA_WARPS");
@@ -249,10 +246,10 @@ int block_warps() {
   return warps;
 }
 
-void launch_forward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st) {
-  if (d.D == 64) half ? launch<__half, 64>(d, a, st) : launch<__nv_bfloat16, 64>(d, a, st);
-  else if (d.D == 128) half ? launch<__half, 128>(d, a, st) : launch<__nv_bfloat16, 128>(d, a, st);
-  else throw dma::Error("cuda forward: unsupported head dim " + std::to_string(d.D));
+void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+    launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
+  });
 }
 
 }  // namespace dma::cuda::detail

@@ -1,4 +1,4 @@
-// Gathering the candidate keys of a query tile (DESIGN.md §2), shared by forward and backward.
+// Gathering the candidate keys of a query tile (docs/design.md §2), shared by forward and backward.
 //
 // A query tile covers positions p_first..p_last. By nesting, the keys any of its queries keeps are
 // the candidates { j <= p_last : e_j >= max(j, p_first) }, at most w + Bq of them. The block scans
@@ -73,7 +73,7 @@ __device__ __forceinline__ void ensure_candidates(Scan& sc, CandidateRing<kWarps
       bool cand = false;
       if (j <= p_last) {
         e = __ldg(evict_bh + j);
-        cand = e >= j && e >= p_first;
+        cand = rule::is_candidate(j, e, p_first);
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, cand);
       if (lane == 0) ring.warp_count[sc.parity][warp] = __popc(ballot);

@@ -1,5 +1,6 @@
-// Launchers of the DMA kernels (one .cu file each), called by pipeline.cu. Device pointers are
-// plain pointers here; `elem` buffers hold bf16 or fp16 as chosen by `half` (false = bf16).
+// Launchers of the DMA kernels (one .cu file each), called by the device API (device_api.cu).
+// Device pointers are plain pointers here; `elem` buffers hold bf16 or fp16 as Dims::precision
+// says, and dispatch() in common.cuh turns (precision, head dim) into template arguments.
 #pragma once
 
 #include <cstdint>
@@ -16,17 +17,18 @@ struct Dims {
   int window;
   bool causal;
   float scale;  // softmax scale
+  Precision precision;  // element type of q, k, v, do
   __host__ __device__ int n_chunks() const { return (Lk + 127) / 128; }
 };
 
 // dynamic_weights.cu -----------------------------------------------------------------------
 // v (B,Hkv,Lk,D) elem, w_dt (Hd,Hkv*D) f32, a (Hd) f32 -> z, delta (B,Hd,Lk) f32.
-void launch_dynamic_weights(const Dims& d, Form form, bool half, const void* v, const float* w_dt,
+void launch_dynamic_weights(const Dims& d, Form form, const void* v, const float* w_dt,
                             const float* a, float* z, float* delta, cudaStream_t st);
 // g = ddelta (B,Hd,Lk) -> da (Hd), dw_dt (Hd,Hkv*D) (both zeroed here) and dv (B,Hkv,Lk,D) +=
 // the gradient through delta. dz (B,Hd,Lk) is scratch.
-void launch_dynamic_weights_backward(const Dims& d, Form form, bool half, const void* v,
-                                     const float* w_dt, const float* a, const float* z,
+void launch_dynamic_weights_backward(const Dims& d, Form form, const void* v, const float* w_dt,
+                                     const float* a, const float* z,
                                      const float* delta, const float* ddelta, float* dz, float* da,
                                      float* dw_dt, float* dv, cudaStream_t st);
 
@@ -48,11 +50,10 @@ struct AttnArgs {
   const float* dsum;            // D_i = do_i . o_i  (B,Hq,Lq)
   float *dq, *dk, *dv, *ddelta; // dq written; dk, dv (B,Hkv,Lk,D) and ddelta accumulated (zeroed)
 };
-void launch_forward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st);
+void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 // backward.cu ------------------------------------------------------------------------------
-void launch_backward(const Dims& d, bool half, const AttnArgs& a, cudaStream_t st);
+void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
-bool supported_head_dim(int D);
 
 }  // namespace dma::cuda::detail

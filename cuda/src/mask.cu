@@ -2,7 +2,7 @@
 //
 // Key j is kept by exactly the query positions p with j <= p <= e_j, where e_j is one less than
 // the position of the w-th key (in order of position, over all Lk keys) that ranks above j, or
-// Lk-1 if fewer than w keys rank above j (DESIGN.md §2, core/include/dma/mask.hpp). The CPU
+// Lk-1 if fewer than w keys rank above j (docs/design.md §2, core/include/dma/mask.hpp). The CPU
 // reference finds every e_j with one min-heap sweep; that is sequential. Here every key finds its
 // own e_j independently ("count the keys above me, in order of position, until w"), which is
 // parallel but would cost O(Lk) per key if done naively. Sorted chunks make the count cheap:
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
       break;
     }
     evict[(size_t)bh * Lk + j] = e;
-    if (e < j) e = -1;  // never kept: does not make its chunk worth visiting
+    if (!rule::is_ever_kept(j, e)) e = -1;  // never kept: does not make its chunk worth visiting
   }
   // chunk_max: block-wide max of e over this chunk's keys
   __shared__ int warp_max[kSmall / 32];

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dma/cuda.hpp"
 
@@ -16,7 +17,7 @@ struct BenchOptions {
   bool flush_l2 = true;      // overwrite a 256 MB buffer before every run (outside the timings)
   Precision precision = Precision::bf16;
   uint64_t seed = 1;
-  std::string dump_dir;      // if set: writes delta_N{Lk}_w{w}.f32 and evict_N{Lk}_w{w}.i32 there
+  bool keep_mask = false;    // copy delta and evict of the last run into the result
 };
 
 struct BenchResult {
@@ -28,6 +29,8 @@ struct BenchResult {
   double dense_causal_pairs = 0;  // pairs a dense causal kernel computes, for comparison
   double peak_bytes = 0;       // device memory allocated by the pipeline's buffers
   int tile_q = 0, tile_k = 0;
+  std::vector<float> delta;    // (B,Hd,Lk), with keep_mask
+  std::vector<int32_t> evict;  // (B,Hd,Lk), with keep_mask
 };
 
 // Times the pipeline on fresh random inputs of shape s (q,k,v,do ~ N(0,1), w_dt ~ N(0,1/(Hkv*D)),
