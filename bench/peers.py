@@ -4,7 +4,8 @@
   flash   torch SDPA, flash backend (FlashAttention-2), dense causal
   cudnn   torch SDPA, cuDNN backend, dense causal
   flex    compiled FlexAttention with the exact DMA mask (mask_mod reading the eviction positions
-          that dma_bench --dump wrote) and delta as a score_mod bias with its gradient
+          that dma_bench --dump wrote: evict_N{N}_w{w}.npy, delta_N{N}_w{w}.npy, (B,Hd,N)) and
+          delta as a score_mod bias with its gradient
 
 Prints one JSON object per (peer, N, w) in a JSON array. FLOPs: 4*D per (query, key) pair
 forward, 10*D backward (the FlashAttention convention); pairs are the dense causal ones for
@@ -72,12 +73,18 @@ def time_flex(B, Hq, Hkv, N, D, w, dump):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if _flex is None:
         _flex = torch.compile(flex_attention, dynamic=False)
-    tag = f"_N{N}_w{w}"
+    if not dump:
+        raise ValueError("flex needs --dump DIR, the folder dma_bench --dump wrote")
     Hd = Hkv  # dma_bench uses Hd = Hkv
-    delta = torch.from_numpy(np.fromfile(os.path.join(dump, "delta" + tag + ".f32"), dtype=np.float32))
-    evict = torch.from_numpy(np.fromfile(os.path.join(dump, "evict" + tag + ".i32"), dtype=np.int32))
-    delta = delta.cuda().view(B, Hd, N)
-    evict = evict.cuda().view(B, Hd, N)
+
+    def load(name, dtype):  # dma_bench --dump: delta_N{N}_w{w}.npy float32, evict_... int32
+        x = np.load(os.path.join(dump, f"{name}_N{N}_w{w}.npy"))
+        if x.shape != (B, Hd, N):
+            raise ValueError(f"{name}_N{N}_w{w}.npy has shape {x.shape}, expected {(B, Hd, N)}")
+        return torch.from_numpy(x.astype(dtype, copy=False)).cuda()
+
+    delta = load("delta", np.float32)
+    evict = load("evict", np.int32)
     group = Hq // Hd
 
     def mask_mod(b, h, q_idx, kv_idx):  # causal with Lq == Lk: p_i = i; kept iff j <= p_i <= e_j
