@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU run of the CUDA part, in two halves:
+# The GPU run of the CUDA part, in two halves (docs/design.md §6):
 #
-#   scripts/gpu_run.sh build            on the CPU machine: build dma_cuda, the tests and the
-#                                       benchmark into build-cuda/ and copy the binaries to
-#                                       build-cuda-bin/ (ignored; carry it to the GPU machine)
-#   scripts/gpu_run.sh device [what]    on the H200 machine (device tool: carry build-cuda-bin),
-#                                       what = tests | sanitizer | bench | all (default all);
-#                                       logs and JSON go to $OUT (or ./out)
+#   scripts/gpu_run.sh build            on a machine with nvcc (no GPU needed): builds dma_cuda,
+#                                       the tests and the benchmark into build-cuda/ and copies
+#                                       the binaries, with the commit, to build-cuda-bin/ (ignored)
+#   scripts/gpu_run.sh device [what]    on the GPU machine, from a copy of the checkout that holds
+#                                       build-cuda-bin/; what = tests | sanitizer | bench | all
+#                                       (default all); logs and JSON go to $OUT (default ./out)
 #
-# The device tool call used for the recorded results:
-#   run(command="bash scripts/gpu_run.sh device all", carry=["build-cuda-bin"], timeout_s=600)
+# For example:
+#   bash scripts/gpu_run.sh build
+#   rsync -a --exclude .git --include '/build-cuda-bin/' --exclude '/build*' ./ gpu-host:dma/
+#   ssh gpu-host 'cd dma && bash scripts/gpu_run.sh device all'
+# bench takes BENCH_N, BENCH_W, BENCH_D, BENCH_PEERS and TAG (see bench/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}

@@ -6,7 +6,7 @@ It shares no code with the C++ project: dense [Lq, Lk] matrices, the mask from a
 non-causal, w >= Lk, w = 1, heavy ties, odd lengths, D up to 128, both forms, given delta) it
 writes a float64 bundle, runs `dma_run --backend cpu` and `--backend tiled`, and requires every
 output to agree to 1e-9 relative (max abs difference over max abs value, with an absolute floor of 1e-3;
-for the gradients, over the size of the terms they sum, DESIGN.md §5, where cancellation leaves a
+for the gradients, over the size of the terms they sum, docs/design.md §5, where cancellation leaves a
 result far smaller than its terms) and evict
 and mask to agree exactly.
 
@@ -96,7 +96,7 @@ def dma(q, k, v, do, window, causal, form, scale, w_dt=None, a=None, delta=None)
     out["dq"] = scale * ds @ kk
     out["dk"] = group(scale * ds.swapaxes(-1, -2) @ q, Hkv)
     out["ddelta"] = group(ds.sum(2), Hd)
-    # The size of the terms each gradient sums (DESIGN.md §5): ds = p (dp - D) cancels to ~0 in
+    # The size of the terms each gradient sums (docs/design.md §5): ds = p (dp - D) cancels to ~0 in
     # near-one-hot rows, and ddelta, dw_dt and da sum such ds, so rounding noise is judged against
     # these magnitudes, not against a result that may be far smaller than its terms.
     ds_mag = p * (np.abs(dp) + np.abs(D_i))

@@ -46,7 +46,7 @@ TileConfig gather_tiles() {
 }
 
 // Runs float32, then float64 on the same values with the delta that float32 computed (a rounding
-// difference in delta could rightly change the selection; DESIGN.md §5), and compares.
+// difference in delta could rightly change the selection; docs/design.md §5), and compares.
 // Both run with that delta given, so dv is the attention gradient in both.
 Result<float> check_against_f64(Problem<double> p, Backend backend, double tol) {
   if (!p.delta_given()) {

@@ -20,7 +20,7 @@ Result<double> tiled(const Problem<double>& p, TileMode mode, int64_t Bq, int64_
 
 // Gradients that are zero in exact arithmetic (w = 1: p = 1, so ds = 0) are compared against an
 // absolute floor of 1 (the order of the gradients here) instead of their own rounding noise
-// (DESIGN.md §5).
+// (docs/design.md §5).
 void check_close(const Result<double>& got, const Result<double>& ref, double tol) {
   auto rel = [](const std::vector<double>& a, const std::vector<double>& b) { return max_rel_error(a, b, 1.0); };
   CHECK(got.evict == ref.evict);

@@ -5,7 +5,7 @@ usage: compare_bundles.py REF_DIR GOT_DIR [--tol-fwd 1e-2] [--tol-grad 2e-2]
 
 Prints the relative L2 error ||got - ref|| / ||ref|| of every float output both hold and whether
 evict and mask are identical; exits 1 when o/lse exceed --tol-fwd or dq/dk/dv/ddelta exceed
---tol-grad (DESIGN.md §5's bf16 tolerances by default).
+--tol-grad (docs/design.md §5's bf16 tolerances by default).
 """
 import argparse
 import os

@@ -1,4 +1,4 @@
-// Bundles: folders of .npy tensors (DESIGN.md §4), read whole and written atomically.
+// Bundles: folders of .npy tensors (docs/design.md §4), read whole and written atomically.
 #include "dma/bundle.hpp"
 
 #include "dma/validate.hpp"

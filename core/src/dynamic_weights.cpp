@@ -1,4 +1,4 @@
-// Dynamic weights and their backward, paper Eq. 3 (DESIGN.md §1.1 and §1.5).
+// Dynamic weights and their backward, paper Eq. 3 (docs/design.md §1.1 and §1.5).
 #include "dma/dynamic_weights.hpp"
 
 #include <cmath>

@@ -174,7 +174,7 @@ ForwardResult<T> tiled_forward(const Shape& s, const Options& opt, const TileCon
           }
           acc.noalias() += P * Vb;
         }
-        // Every query keeps at least one key (DESIGN.md §1.6), so l > 0 on every row.
+        // Every query keeps at least one key (docs/design.md §1.6), so l > 0 on every row.
         for (int64_t r = 0; r < t.rows; ++r) {
           const int64_t row = (b * s.Hq + hq) * s.Lq + i0 + r;
           for (int64_t d = 0; d < s.D; ++d) out.o[row * s.D + d] = acc(r, d) / l(r);

@@ -1,4 +1,4 @@
-// Bundles: a folder of .npy files named after the tensors (DESIGN.md §4).
+// Bundles: a folder of .npy files named after the tensors (docs/design.md §4).
 //   inputs:  q k v w_dt a [do] [delta]
 //   outputs: delta evict [mask] o lse [dq dk dv ddelta [dw_dt da]]
 #pragma once
@@ -28,7 +28,7 @@ DType bundle_float_type(const Bundle& b);
 template <typename T>
 Problem<T> problem_from_bundle(const Bundle& b, const Options& opt);
 
-// Masks larger than this many elements are not written (DESIGN.md §4).
+// Masks larger than this many elements are not written (docs/design.md §4).
 constexpr int64_t kMaxMaskElements = int64_t{1} << 26;
 
 // The inverse: a bundle of the problem's input tensors (q k v, w_dt a or delta, do if present).

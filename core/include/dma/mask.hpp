@@ -31,7 +31,7 @@ std::vector<uint8_t> mask_from_evict(const Shape& s, const Options& opt,
                                      const std::vector<int64_t>& evict);
 
 // The candidate keys of a query tile (queries q_first..q_last of one (b, delta head)): the union of
-// the keys they keep, at most w + (q_last - q_first + 1) of them (DESIGN.md §2). evict_bh points
+// the keys they keep, at most w + (q_last - q_first + 1) of them (docs/design.md §2). evict_bh points
 // at the Lk eviction positions of that (b, delta head). Keys come out in increasing order.
 std::vector<int64_t> candidate_keys(const Shape& s, const Options& opt, const int64_t* evict_bh,
                                     int64_t q_first, int64_t q_last);

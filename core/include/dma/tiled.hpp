@@ -3,7 +3,7 @@
 //
 //   TileMode::dense   every tile a causal kernel would visit; the element mask applied inside
 //   TileMode::skip    tiles holding no kept key are skipped (exact: their p is 0)
-//   TileMode::gather  each query tile gathers its candidate keys (at most w + Bq, DESIGN.md §2)
+//   TileMode::gather  each query tile gathers its candidate keys (at most w + Bq, docs/design.md §2)
 //                     into a compact block and runs dense tile math on it, Bk keys at a time
 #pragma once
 
