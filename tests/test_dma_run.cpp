@@ -1,4 +1,4 @@
-// dma_run end to end: the bundle contract of DESIGN.md §4, through the real executable.
+// dma_run end to end: the bundle contract of docs/design.md §4, through the real executable.
 #include <doctest/doctest.h>
 
 #include <sys/stat.h>

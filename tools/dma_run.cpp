@@ -1,4 +1,4 @@
-// dma_run: computes a DMA bundle (DESIGN.md §4).
+// dma_run: computes a DMA bundle (docs/design.md §4).
 //
 //   dma_run --in DIR --out DIR --window W [--non-causal] [--form exp|linear] [--scale S]
 //           [--backend cpu|tiled|cuda]
