@@ -1,0 +1,488 @@
+// dma_fwd_lab: the DMA forward kernel, one rung of the ladder at a time (the model is llm.c's
+// dev/cuda: every version of the kernel in one file, each validated and timed the same way).
+//
+//   dma_fwd_lab N [--L 4096 --w 512 --Hq 16 --Hkv 8 --Hd <Hkv> --D 128 --B 1 --reps 20
+//                  --warmup 3 --non-causal --seed 1]
+//
+// runs forward kernel version N:
+//   1. validates it on small problems against the float64 reference (docs/design.md §5): inputs
+//      from dma::random_problem, rounded to bf16; delta and the mask state computed on the GPU with
+//      the device API (dma/cuda_device.hpp); the reference dma::run_pipeline<double> given that
+//      delta. o and lse are poisoned with NaN before the kernel runs and every element must have
+//      been written; o and lse must be within relative L2 1e-2 of the reference;
+//   2. times it on the problem of the flags (B = 1, Lq = Lk = L, causal unless --non-causal):
+//      CUDA events around each run, the median of --reps runs after --warmup runs, printed as ms
+//      and as TFLOP/s counted on the kept pairs: 4*D flops per kept (query, key) pair (2*D for
+//      q.k, 2*D for p v), the count bench/dma_bench uses.
+// Exit status: 0 pass, 1 a failed validation (or a CUDA error), 2 a bad argument, 77 no usable
+// CUDA device.
+//
+// ==== MEASURED ON THE H200 ===================================================================
+// Filled in by hand from a GPU run (nothing here is estimated); the same placeholder stands in
+// each version's comment block below.
+//   problem: `dma_fwd_lab N --L 16384` = B=1, Lq=Lk=16384, w=512, Hq=16, Hkv=8, Hd=8, D=128,
+//            causal, exp form, bf16 inputs, fp32 accumulation
+//   version  what it adds                                          median ms, TFLOP/s (kept pairs)
+//   v1       one thread per query row, fp32 on CUDA cores, bf16   (H200: to be measured)
+//            loads from global memory
+//   v2       production (cuda/src/forward.cu): gathered candidate (H200: to be measured)
+//            tiles, mma.sync tensor cores, cp.async double buffer
+// ==============================================================================================
+//
+// Layouts (docs/design.md §1): q, o (B,Hq,Lq,D); k, v (B,Hkv,Lk,D); delta, evict (B,Hd,Lk);
+// lse (B,Hq,Lq). Query head hq reads kv head hq / (Hq/Hkv) and delta head hq / (Hq/Hd).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "dma/cuda.hpp"
+#include "dma/mask_rule.hpp"
+#include "dma/numerics.hpp"
+#include "dma/pipeline.hpp"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr dma::Precision kPrecision = dma::Precision::bf16;
+constexpr double kRelL2Bar = 1e-2;     // o and lse, relative L2 (docs/design.md §5)
+constexpr double kWorstRowBar = 5e-2;  // the worst row of o: bf16 P in P V gives ~1e-2 at worst
+
+// ---- CUDA plumbing ---------------------------------------------------------------------------
+
+void cuda_check(cudaError_t err, const char* what, int line) {
+  if (err != cudaSuccess)
+    throw dma::Error(std::string("CUDA error in ") + what + " (dma_fwd_lab.cu:" +
+                     std::to_string(line) + "): " + cudaGetErrorString(err));
+}
+#define CUDA_CHECK(call) cuda_check((call), #call, __LINE__)
+
+template <typename T>
+std::vector<T> copy_to_host(const void* dev, size_t n) {
+  std::vector<T> host(n);
+  CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return host;
+}
+
+// n elements of T on the device, freed on scope exit.
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) { CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T))); }
+  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) {
+    CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(ptr_); }
+  T* get() const { return ptr_; }
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+  std::vector<T> download() const { return copy_to_host<T>(ptr_, n_); }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t n_ = 0;
+};
+
+// The bits the GPU reads: each value rounded to bf16 (the same values dma::round_to_precision
+// gives the reference).
+std::vector<uint16_t> bf16_bits(const std::vector<float>& x) {
+  std::vector<uint16_t> bits(x.size());
+  for (size_t n = 0; n < x.size(); ++n) bits[n] = dma::to_bf16_bits(x[n]);
+  return bits;
+}
+
+// A problem on the device as every version finds it: q, k, v in bf16, delta and the mask state
+// already built by the device API (the phases before the forward), o and lse to be written.
+struct DeviceProblem {
+  dma::cuda::Config c;
+  DeviceArray<uint16_t> q, k, v;   // bf16 bits: (B,Hq,Lq,D), (B,Hkv,Lk,D), (B,Hkv,Lk,D)
+  DeviceArray<float> delta;        // (B,Hd,Lk)
+  DeviceArray<uint8_t> mask_state; // starts with evict (B,Hd,Lk) int32: e_j
+  DeviceArray<float> o, lse;       // (B,Hq,Lq,D), (B,Hq,Lq)
+
+  explicit DeviceProblem(const dma::Problem<float>& p)
+      : c{p.shape, p.opt, kPrecision},
+        q(bf16_bits(p.q)),
+        k(bf16_bits(p.k)),
+        v(bf16_bits(p.v)),
+        delta(static_cast<size_t>(p.shape.delta_numel())),
+        mask_state(dma::cuda::mask_state_bytes(c)),
+        o(static_cast<size_t>(p.shape.q_numel())),
+        lse(static_cast<size_t>(p.shape.lse_numel())) {
+    // delta = exp(a softplus(vflat . w_dt)) (Eq. 3), then the eviction positions (Eq. 4), as
+    // production runs them; check_status waits and throws on a non-finite delta.
+    const DeviceArray<float> w_dt(p.w_dt), a(p.a);
+    const DeviceArray<uint8_t> workspace(dma::cuda::workspace_bytes(c));
+    const DeviceArray<int64_t> status(1);
+    dma::cuda::reset_status(status.get(), nullptr);
+    dma::cuda::dynamic_weights(c, v.get(), w_dt.get(), a.get(), delta.get(), status.get(),
+                               workspace.get(), workspace.size(), nullptr);
+    dma::cuda::check_status(c, status.get(), nullptr);
+    dma::cuda::build_mask(c, delta.get(), mask_state.get(), workspace.get(), workspace.size(),
+                          nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  const int32_t* evict() const { return dma::cuda::evict_of(mask_state.get()); }
+  std::vector<int32_t> download_evict() const {
+    return copy_to_host<int32_t>(evict(), static_cast<size_t>(c.shape.delta_numel()));
+  }
+  // NaN in every element (0xffffffff is a NaN): what a kernel leaves unwritten stays NaN.
+  void poison_outputs() const {
+    CUDA_CHECK(cudaMemset(o.get(), 0xff, o.bytes()));
+    CUDA_CHECK(cudaMemset(lse.get(), 0xff, lse.bytes()));
+  }
+};
+
+// ==== v1: one thread per query row ============================================================
+// The direct port of the tiled CPU code's gather mode (core/src/tiled.cpp, tutorial 07) with query
+// tiles of one row. The candidates of a one-query tile at position p, {j <= p : e_j >= max(j, p)},
+// are exactly the keys that query keeps (rule::is_kept), so each thread walks its prefix
+// j = 0..p_i, skips the masked keys (exact: their p_ij is 0, docs/design.md §2.1) and runs the
+// online softmax of FlashAttention (tutorial 07) over the kept ones, one key at a time.
+//   - fp32 arithmetic on CUDA cores; q_i and the accumulator are 2*D floats per thread (for D=128
+//     more than the 255 registers a thread may have: part of them lives in local memory).
+//   - q, k, v are read as bf16 straight from global memory, one element at a time. Nothing is
+//     staged in shared memory; but the 32 threads of a warp are 32 consecutive queries of one
+//     head, which keep nearly the same keys (selections nest, docs/design.md §2.2), so their
+//     loads of e_j, k_j and v_j mostly hit the same addresses and are served once per warp.
+//   - cost: every thread reads e_j for all p_i + 1 keys of its prefix (one int per key, shared by
+//     the warp), and does 4*D flops per kept pair, none of them on the tensor cores.
+// H200, L=16384 w=512 Hq=16 Hkv=8 D=128: (H200: to be measured)
+
+constexpr int kV1Threads = 128;  // threads (= query rows) per block
+
+struct RowArgs {
+  int B, Hq, Hkv, Hd, Lq, Lk;
+  bool causal;
+  float scale;              // softmax scale, 1/sqrt(D) unless given
+  const bf16 *q, *k, *v;    // (B,Hq,Lq,D), (B,Hkv,Lk,D), (B,Hkv,Lk,D)
+  const float* delta;       // (B,Hd,Lk)
+  const int32_t* evict;     // (B,Hd,Lk): key j is kept by the positions j..e_j
+  float *o, *lse;           // (B,Hq,Lq,D), (B,Hq,Lq)
+};
+
+template <int D>
+__global__ void __launch_bounds__(kV1Threads) forward_v1_kernel(const RowArgs a) {
+  // 1. The row this thread owns: row = (b*Hq + hq)*Lq + i, the flat index into lse.
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= int64_t(a.B) * a.Hq * a.Lq) return;
+  const int i = int(row % a.Lq), hq = int(row / a.Lq % a.Hq), b = int(row / a.Lq / a.Hq);
+  const int hk = hq / (a.Hq / a.Hkv), hd = hq / (a.Hq / a.Hd);  // its kv head and delta head
+  const int p_i = dma::rule::query_position(a.Lq, a.Lk, a.causal, i);
+  const bf16* q_bhi = a.q + row * D;
+  const bf16* k_bh = a.k + (int64_t(b) * a.Hkv + hk) * a.Lk * D;
+  const bf16* v_bh = a.v + (int64_t(b) * a.Hkv + hk) * a.Lk * D;
+  const float* delta_bh = a.delta + (int64_t(b) * a.Hd + hd) * a.Lk;
+  const int32_t* evict_bh = a.evict + (int64_t(b) * a.Hd + hd) * a.Lk;
+
+  float q_i[D];  // q_i in fp32, read once
+  #pragma unroll
+  for (int d = 0; d < D; ++d) q_i[d] = __bfloat162float(q_bhi[d]);
+
+  // 2. One pass over the prefix with the online softmax: m = running max of s_ij, l = running
+  //    sum of exp(s_ij - m), acc = running sum of exp(s_ij - m) v_j. A new maximum rescales the
+  //    old sums by alpha = exp(m_old - m_new).
+  float m = -INFINITY, l = 0.0f, acc[D];
+  #pragma unroll
+  for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+  for (int j = 0; j <= p_i; ++j) {  // keys after p_i are not allowed (causal: j <= p_i)
+    // Masked (e_j < p_i: evicted before p_i): contributes exactly nothing, so skip it.
+    if (!dma::rule::is_kept(j, p_i, evict_bh[j])) continue;
+    const bf16* k_bhj = k_bh + int64_t(j) * D;
+    float qk = 0.0f;
+    #pragma unroll
+    for (int d = 0; d < D; ++d) qk += q_i[d] * __bfloat162float(k_bhj[d]);
+    const float s_ij = a.scale * qk + delta_bh[j];  // Eq. 5: the logit plus the key's weight
+    const float m_new = fmaxf(m, s_ij);
+    // Before the first kept key m = -inf: alpha = exp(-inf) = 0 (s_ij is finite, so no NaN).
+    const float alpha = expf(m - m_new), p_ij = expf(s_ij - m_new);
+    l = alpha * l + p_ij;
+    const bf16* v_bhj = v_bh + int64_t(j) * D;
+    #pragma unroll
+    for (int d = 0; d < D; ++d) acc[d] = alpha * acc[d] + p_ij * __bfloat162float(v_bhj[d]);
+    m = m_new;
+  }
+
+  // 3. o_i = acc / l and lse_i = m + log l (natural log). Every query keeps at least one key
+  //    (docs/design.md §1.6), so l > 0.
+  float* o_bhi = a.o + row * D;
+  #pragma unroll
+  for (int d = 0; d < D; ++d) o_bhi[d] = acc[d] / l;
+  a.lse[row] = m + logf(l);
+}
+
+void forward_v1(const DeviceProblem& dp) {
+  const dma::Shape& s = dp.c.shape;
+  const RowArgs a{int(s.B), int(s.Hq), int(s.Hkv), int(s.Hd), int(s.Lq), int(s.Lk),
+                  dp.c.opt.causal, float(dp.c.opt.softmax_scale(s)),
+                  reinterpret_cast<const bf16*>(dp.q.get()),
+                  reinterpret_cast<const bf16*>(dp.k.get()),
+                  reinterpret_cast<const bf16*>(dp.v.get()), dp.delta.get(), dp.evict(),
+                  dp.o.get(), dp.lse.get()};
+  const int64_t rows = s.B * s.Hq * s.Lq;
+  const unsigned blocks = unsigned((rows + kV1Threads - 1) / kV1Threads);
+  if (s.D == 64)
+    forward_v1_kernel<64><<<blocks, kV1Threads>>>(a);
+  else if (s.D == 128)
+    forward_v1_kernel<128><<<blocks, kV1Threads>>>(a);
+  else
+    throw dma::Error("v1: D = " + std::to_string(s.D) + " (v1 is built for D = 64 and 128)");
+  CUDA_CHECK(cudaGetLastError());
+}
+
+// ==== v2: the production kernel ===============================================================
+// dma::cuda::attention_forward (cuda/src/forward.cu, cuda/src/gather.cuh). What it adds to v1:
+//   - query tiles: one block of 8 warps = 128 queries of one (b, hq), 16 rows per warp;
+//   - the tile's candidate keys {j <= p_last : e_j >= max(j, p_first)}, at most w + Bq of them
+//     (docs/design.md §2.4), compacted into a ring in shared memory by a block-wide scan that
+//     skips chunks of 128 keys by their largest e_j; the rows of K and V gathered 64 at a time;
+//   - cp.async double buffering: the next gathered tile is copied while this one is computed;
+//   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate),
+//     Q in registers, ldmatrix from padded shared rows;
+//   - the mask j <= p_i <= e_j in registers, tiles kept whole for a warp's 16 rows skip the test;
+//   - the online softmax in base 2 (exp2 on the special-function unit), one rescale per tile.
+// H200, L=16384 w=512 Hq=16 Hkv=8 D=128: (H200: to be measured)
+
+void forward_v2(const DeviceProblem& dp) {
+  dma::cuda::attention_forward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
+                               dp.mask_state.get(), dp.o.get(), dp.lse.get(), nullptr);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+// ==== the ladder =============================================================================
+
+struct Version {
+  const char* what;
+  void (*run)(const DeviceProblem&);  // enqueues the forward on the legacy default stream
+};
+const Version kVersions[] = {
+    {"one thread per query row, fp32 on CUDA cores, bf16 loads from global memory", forward_v1},
+    {"production: gathered candidate tiles, mma.sync, cp.async double buffering", forward_v2},
+};
+constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
+
+// ---- validation ------------------------------------------------------------------------------
+
+struct Case {
+  const char* name;
+  dma::Shape s;
+  dma::Options opt;
+};
+
+// Small problems with lengths that are multiples of no tile size: GQA, both delta-head layouts,
+// causal with Lq = Lk and Lq < Lk (queries aligned bottom-right), non-causal.
+std::vector<Case> validation_cases(int64_t D) {
+  dma::Options causal;
+  causal.window = 128;
+  dma::Options full = causal;
+  full.causal = false;
+  //             B  Hq Hkv Hd  Lq    Lk    D
+  return {{"causal", {1, 4, 2, 2, 1000, 1000, D}, causal},
+          {"non-causal, Hd = Hq", {1, 4, 2, 4, 1000, 1000, D}, full},
+          {"causal, Lq < Lk", {1, 4, 2, 2, 257, 1000, D}, causal}};
+}
+
+std::vector<double> widen(const std::vector<float>& x) { return {x.begin(), x.end()}; }
+
+std::string shape_string(const dma::Shape& s, const dma::Options& opt) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "B=%lld Hq=%lld Hkv=%lld Hd=%lld Lq=%lld Lk=%lld D=%lld w=%lld %s",
+                (long long)s.B, (long long)s.Hq, (long long)s.Hkv, (long long)s.Hd,
+                (long long)s.Lq, (long long)s.Lk, (long long)s.D, (long long)opt.window,
+                opt.causal ? "causal" : "non-causal");
+  return buf;
+}
+
+// Elements still holding the NaN poison: not written by the kernel (or computed as NaN).
+int64_t count_nan(const std::vector<float>& x) {
+  return std::count_if(x.begin(), x.end(), [](float e) { return std::isnan(e); });
+}
+
+// One output against the reference, llm.c style: a few (got, ref) pairs, the largest difference,
+// then the measures that decide: relative L2 over the tensor and over its worst row (of `row`
+// elements), and no element left unwritten.
+bool report(const char* name, const std::vector<float>& got, const std::vector<double>& ref,
+            int64_t row, double worst_bar) {
+  double maxdiff = 0;
+  for (size_t n = 0; n < ref.size(); ++n)
+    if (!std::isnan(got[n])) maxdiff = std::max(maxdiff, std::abs(double(got[n]) - ref[n]));
+  const int64_t unwritten = count_nan(got);
+  const double rel = dma::rel_l2(got, ref), worst = dma::worst_row_rel_l2(got, ref, row);
+  std::printf("    %-3s (got, ref):", name);
+  for (const size_t n : {size_t(0), size_t(1), ref.size() / 2, ref.size() - 1})
+    std::printf(" (%.6f, %.6f)", got[n], ref[n]);
+  std::printf("\n        rel L2 %.2e (bar %.0e), worst row %.2e (bar %.0e), maxdiff %.2e, "
+              "unwritten %lld\n", rel, kRelL2Bar, worst, worst_bar, maxdiff, (long long)unwritten);
+  return unwritten == 0 && rel <= kRelL2Bar && worst <= worst_bar;
+}
+
+bool validate_case(const Version& v, const Case& cs, uint64_t seed) {
+  std::printf("  %s: %s\n", cs.name, shape_string(cs.s, cs.opt).c_str());
+  const dma::Problem<float> p = dma::random_problem<float>(cs.s, cs.opt, seed, false);
+  const DeviceProblem dp(p);
+  dp.poison_outputs();
+  v.run(dp);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> o = dp.o.download(), lse = dp.lse.download(), delta = dp.delta.download();
+  const std::vector<int32_t> evict = dp.download_evict();
+
+  // The float64 reference on the same bf16 values, given the GPU's delta (docs/design.md §5:
+  // near a tie a different delta may rightly select differently).
+  dma::Problem<double> ref;
+  ref.shape = cs.s;
+  ref.opt = cs.opt;
+  ref.q = widen(dma::round_to_precision(p.q, kPrecision));
+  ref.k = widen(dma::round_to_precision(p.k, kPrecision));
+  ref.v = widen(dma::round_to_precision(p.v, kPrecision));
+  ref.delta = widen(delta);
+  const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
+
+  int64_t evict_diff = 0;
+  for (size_t n = 0; n < evict.size(); ++n) evict_diff += int64_t(evict[n]) != r.evict[n];
+  std::printf("    evict: %lld of %zu differ from the reference's\n", (long long)evict_diff,
+              evict.size());
+  const bool ok_o = report("o", o, r.fwd.o, cs.s.D, kWorstRowBar);
+  const bool ok_lse = report("lse", lse, r.fwd.lse, cs.s.Lq, kRelL2Bar);
+  const bool ok = evict_diff == 0 && ok_o && ok_lse;
+  std::printf("    %s\n", ok ? "OK" : "MISMATCH");
+  return ok;
+}
+
+// ---- timing ----------------------------------------------------------------------------------
+
+// Kept (query, key) pairs summed over (b, hq): key j is kept by the positions [j, e_j] that are
+// query positions. Causal: one query per position p_0..p_{Lq-1}; non-causal: all Lq at Lk - 1.
+double kept_pairs(const dma::Shape& s, bool causal, const std::vector<int32_t>& evict) {
+  const int64_t p_lo = dma::query_position(s, causal, 0);
+  const int64_t p_hi = dma::query_position(s, causal, s.Lq - 1);
+  double pairs = 0;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hq = 0; hq < s.Hq; ++hq) {
+      const int32_t* evict_bh = &evict[(b * s.Hd + s.delta_head(hq)) * s.Lk];
+      for (int64_t j = 0; j < s.Lk; ++j)
+        pairs += double(dma::rule::kept_positions<int64_t>(j, evict_bh[j], p_lo, p_hi));
+    }
+  return causal ? pairs : pairs * double(s.Lq);
+}
+
+struct Timing {
+  double median_ms, min_ms, max_ms;
+};
+
+// Each of `reps` runs timed alone with CUDA events, after `warmup` untimed runs.
+Timing time_version(const Version& v, const DeviceProblem& dp, int warmup, int reps) {
+  for (int r = 0; r < warmup; ++r) v.run(dp);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms(static_cast<size_t>(reps));
+  for (float& t : ms) {
+    CUDA_CHECK(cudaEventRecord(start));
+    v.run(dp);
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  const size_t n = ms.size();
+  return {0.5 * (double(ms[(n - 1) / 2]) + double(ms[n / 2])), double(ms.front()), double(ms.back())};
+}
+
+bool time_problem(int version, const Version& v, const dma::Shape& s, const dma::Options& opt,
+                  uint64_t seed, int warmup, int reps) {
+  std::printf("timing: %s, %d runs after %d warm-up runs\n", shape_string(s, opt).c_str(), reps,
+              warmup);
+  const DeviceProblem dp(dma::random_problem<float>(s, opt, seed, false));
+  dp.poison_outputs();
+  const Timing t = time_version(v, dp, warmup, reps);
+  const int64_t unwritten = count_nan(dp.o.download()) + count_nan(dp.lse.download());
+  const double pairs = kept_pairs(s, opt.causal, dp.download_evict());
+  const double flops = 4.0 * double(s.D) * pairs;
+  std::printf("  kept pairs %.4g (%.1f per query), %.4g GFLOP at 4*D per pair\n", pairs,
+              pairs / double(s.B * s.Hq * s.Lq), flops * 1e-9);
+  std::printf("  v%d: %.3f ms median (min %.3f, max %.3f), %.1f TFLOP/s; unwritten outputs %lld\n",
+              version, t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) * 1e-12,
+              (long long)unwritten);
+  return unwritten == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Runs DMA forward kernel version N, validates it against the float64 reference "
+               "and times it (cuda/dev/README.md)."};
+  int version = 0, reps = 20, warmup = 3;
+  int64_t B = 1, L = 4096, w = 512, Hq = 16, Hkv = 8, Hd = 0, D = 128;
+  bool non_causal = false;
+  uint64_t seed = 1;
+  app.add_option("N", version, "kernel version: 1 = one thread per query row, 2 = production")
+      ->required()
+      ->check(CLI::Range(1, kNumVersions));
+  app.add_option("--L", L, "queries = keys of the timed problem")->check(CLI::PositiveNumber);
+  app.add_option("--w", w, "window: keys kept per query")->check(CLI::PositiveNumber);
+  app.add_option("--Hq", Hq, "query heads")->check(CLI::PositiveNumber);
+  app.add_option("--Hkv", Hkv, "key/value heads (Hq % Hkv == 0)")->check(CLI::PositiveNumber);
+  app.add_option("--Hd", Hd, "heads of the dynamic weights: Hkv or Hq (default Hkv)");
+  app.add_option("--D", D, "head dim (64 or 128)")->check(CLI::PositiveNumber);
+  app.add_option("--B", B, "batch")->check(CLI::PositiveNumber);
+  app.add_option("--reps", reps, "timed runs (the median is reported)")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed runs before them")->check(CLI::NonNegativeNumber);
+  app.add_flag("--non-causal", non_causal, "every query sees every key (timed problem)");
+  app.add_option("--seed", seed, "seed of the random inputs");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // --help: 0
+  }
+
+  const dma::Shape shape{B, Hq, Hkv, Hd == 0 ? Hkv : Hd, L, L, D};
+  dma::Options opt;
+  opt.window = w;
+  opt.causal = !non_causal;
+  try {  // what the kernels cannot run is a bad argument; this needs no device
+    dma::cuda::check_config({shape, opt, kPrecision});
+    for (const Case& cs : validation_cases(D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
+  } catch (const dma::Error& e) {
+    std::fprintf(stderr, "dma_fwd_lab: %s\n", e.what());
+    return 2;
+  }
+  std::string why;
+  if (!dma::cuda::device_available(&why)) {
+    std::printf("dma_fwd_lab: %s: nothing to run. SKIPPED\n", why.c_str());
+    return 77;
+  }
+
+  const Version& v = kVersions[version - 1];
+  try {
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("dma_fwd_lab v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", version, v.what,
+                prop.name, prop.major, prop.minor, (unsigned long long)seed);
+    std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");
+    bool ok = true;
+    for (const Case& cs : validation_cases(D)) ok = validate_case(v, cs, seed) && ok;
+    if (!ok) {
+      std::printf("FAIL: v%d does not match the reference\n", version);
+      return 1;
+    }
+    if (!time_problem(version, v, shape, opt, seed, warmup, reps)) {
+      std::printf("FAIL: v%d left outputs of the timed problem unwritten\n", version);
+      return 1;
+    }
+  } catch (const dma::Error& e) {
+    std::printf("dma_fwd_lab: %s\nFAIL\n", e.what());
+    return 1;
+  }
+  std::printf("PASS\n");
+  return 0;
+}
