@@ -5,8 +5,8 @@
 #                                       the tests and the benchmark into build-cuda/ and copies
 #                                       the binaries, with the commit, to build-cuda-bin/ (ignored)
 #   scripts/gpu_run.sh device [what]    on the GPU machine, from a copy of the checkout that holds
-#                                       build-cuda-bin/; what = tests | sanitizer | bench | all
-#                                       (default all); logs and JSON go to $OUT (default ./out)
+#                                       build-cuda-bin/; what = tests | sanitizer | lab | bench |
+#                                       all (default all); logs and JSON go to $OUT (default ./out)
 #
 # For example:
 #   bash scripts/gpu_run.sh build
@@ -24,9 +24,10 @@ case "$mode" in
 build)
   set -e
   cmake -S . -B build-cuda -DCMAKE_CUDA_ARCHITECTURES=90 -DDMA_WITH_VIEWER=OFF >/dev/null
-  cmake --build build-cuda -j2 --target test_cuda dma_bench
+  cmake --build build-cuda -j2 --target test_cuda dma_bench dma_fwd_lab tutorial_08_cuda_kernel
   rm -rf "$BIN" && mkdir -p "$BIN"
-  cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench "$BIN"/
+  cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench build-cuda/cuda/dev/dma_fwd_lab \
+     build-cuda/tutorials/tutorial_08_cuda_kernel "$BIN"/
   git rev-parse HEAD > "$BIN/COMMIT" 2>/dev/null || true
   git status --porcelain -- core cuda tests/cuda.cmake 'tests/test_cuda*' bench scripts > "$BIN/DIRTY" || true
   du -sh "$BIN"
@@ -53,10 +54,20 @@ device)
       for tool in memcheck racecheck initcheck; do
         echo "== compute-sanitizer $tool, $warps warps" | tee -a "$OUT/sanitizer.log"
         DMA_CUDA_WARPS=$warps compute-sanitizer --tool $tool --error-exitcode 9 "$BIN/test_cuda" \
-          -tc='*sanitizer*' >> "$OUT/sanitizer.log" 2>&1; s=$?
+          -tc='*sanitizer*,*device API*' >> "$OUT/sanitizer.log" 2>&1; s=$?
         tail -1 "$OUT/sanitizer.log"; echo "exit $s"; rc=$((rc | s))
       done
     done
+  fi
+  if [[ $what == lab || $what == all ]]; then
+    # the kernel ladder (cuda/dev/) at 16K, then tutorial 08
+    for version in 1 2; do
+      echo "== dma_fwd_lab $version"
+      "$BIN/dma_fwd_lab" $version --L 16384 2>&1 | tee "$OUT/lab_v$version.log" | tail -3
+      rc=$((rc | ${PIPESTATUS[0]}))
+    done
+    "$BIN/tutorial_08_cuda_kernel" > "$OUT/tutorial_08.log" 2>&1; s=$?
+    echo "== tutorial 08: $(tail -1 "$OUT/tutorial_08.log") (exit $s)"; rc=$((rc | s))
   fi
   if [[ $what == bench || $what == all ]]; then
     # BENCH_N, BENCH_W (0 = dense), BENCH_D, BENCH_PEERS select the grid; TAG names the files.
