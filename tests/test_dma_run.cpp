@@ -322,3 +322,61 @@ TEST_SUITE("dma_run") {
     CHECK(dma_run(tmp, "--in a --out b --window 4 --tile-q 0").code != 0);
   }
 }
+
+// dma_run --decode (docs/design.md §4 Decode): the full forward's o and lse, computed by prefill
+// and one step per token with a cache of w keys per (sequence, delta head).
+TEST_SUITE("dma_run") {
+  TEST_CASE("--decode: o and lse and delta and mask equal the full forward and do is ignored") {
+    Scratch tmp;
+    const Shape s = make_shape(2, 4, 2, 4, 13, 13, 8);  // GQA, Hd = Hq
+    const Problem<double> p = random_problem<double>(s, make_options(4), test_seed() + 20);  // with do
+    write_problem(tmp / "in", p);
+    const Result<double> want = run_pipeline(p, Backend::cpu);
+    for (int prefill : {0, 5, 12, 13}) {
+      CAPTURE(prefill);
+      const std::string out = tmp / ("out" + std::to_string(prefill));
+      const Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + out + " --window 4 --decode --prefill " +
+                                     std::to_string(prefill));
+      REQUIRE_MESSAGE(r.code == 0, r.err);
+      CHECK(r.out.find("do.npy is ignored") != std::string::npos);
+      const Bundle b = read_bundle(out);
+      CHECK(b.arrays.at("o").dtype == DType::f64);
+      CHECK(b.arrays.at("o").shape == std::vector<int64_t>{s.B, s.Hq, s.Lq, s.D});
+      CHECK(max_rel_error(npy_to_float<double>(b.arrays.at("o"), "o"), want.fwd.o) <= 1e-12);
+      CHECK(max_rel_error(npy_to_float<double>(b.arrays.at("lse"), "lse"), want.fwd.lse) <= 1e-12);
+      CHECK(npy_to_float<double>(b.arrays.at("delta"), "delta") == want.delta);
+      CHECK(make_npy(want.mask, {s.B, s.Hd, s.Lq, s.Lk}).data == b.arrays.at("mask").data);
+      CHECK(b.has("q"));
+      for (const char* name : {"do", "dq", "dk", "dv", "ddelta", "dw_dt", "da"}) CHECK_MESSAGE(!b.has(name), name);
+    }
+    // float32 in, float32 out, the linear form
+    const Problem<float> pf = random_problem<float>(s, make_options(3, true, Form::linear), test_seed() + 21, false);
+    write_problem(tmp / "f32", pf);
+    const Run r = dma_run(tmp, "--in " + (tmp / "f32") + " --out " + (tmp / "f32_out") + " --window 3 --form linear --decode --prefill 6");
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const Bundle b = read_bundle(tmp / "f32_out");
+    CHECK(b.arrays.at("o").dtype == DType::f32);
+    CHECK(max_rel_error(npy_to_float<double>(b.arrays.at("o"), "o"), run_pipeline(pf, Backend::cpu).fwd.o) <= 1e-5);
+  }
+
+  TEST_CASE("--decode: refuses Lq != Lk and the non-causal mode and a prompt longer than L and the cuda backend") {
+    Scratch tmp;
+    write_problem(tmp / "rect", random_problem<double>(kShape, make_options(4), test_seed() + 22));  // Lq 7, Lk 11
+    Run r = dma_run(tmp, "--in " + (tmp / "rect") + " --out " + (tmp / "x") + " --window 4 --decode --prefill 3");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: --decode needs Lq == Lk (the prompt's queries, then one query per step), got Lq = 7, Lk = 11\n");
+    write_problem(tmp / "sq", random_problem<double>(make_shape(1, 2, 1, 1, 6, 6, 4), make_options(4), test_seed() + 23));
+    r = dma_run(tmp, "--in " + (tmp / "sq") + " --out " + (tmp / "x") + " --window 4 --decode --non-causal");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: decode: decoding is causal (got the non-causal mode)\n");
+    r = dma_run(tmp, "--in " + (tmp / "sq") + " --out " + (tmp / "x") + " --window 4 --decode --prefill 7");
+    CHECK(r.code == 2);
+    CHECK(r.err == "dma_run: decode: prefill of 7 tokens, expected 0 <= P <= L = 6\n");
+    r = dma_run(tmp, "--in " + (tmp / "sq") + " --out " + (tmp / "x") + " --window 4 --decode --backend cuda");
+    CHECK(r.code == 3);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(dma_run(tmp, "--in " + (tmp / "sq") + " --out " + (tmp / "x") + " --window 4 --prefill 2").code != 0);  // needs --decode
+    CHECK(dma_run(tmp, "--in " + (tmp / "sq") + " --out " + (tmp / "x") + " --window 4 --decode --prefill -1").code != 0);
+    CHECK(!fs::exists(tmp / "x"));
+  }
+}

@@ -2,17 +2,25 @@
 //
 //   dma_run --in DIR --out DIR --window W [--non-causal] [--form exp|linear] [--scale S]
 //           [--backend cpu|tiled|cuda]
+//   dma_run --in DIR --out DIR --window W --decode [--prefill P] [--form ...] [--scale S]
 //
 // Reads q k v w_dt a [do] [delta] from --in, runs the pipeline, and writes the inputs together with
 // delta evict [mask] o lse [dq dk dv ddelta [dw_dt da]] to --out, atomically (a sibling temporary
 // folder renamed into place). Exit codes: 0 success, 2 invalid data (one line naming the tensor),
 // 3 backend unavailable, 1 anything else; bad flags: the parser's message and its exit code.
+//
+// --decode computes the same o and lse by decoding (docs/design.md §4 Decode, dma/decode.hpp):
+// prefill over the first P tokens of every sequence, then one token at a time with a cache of w
+// entries per (sequence, delta head). Causal, Lq == Lk, on the CPU; no gradients (do.npy is
+// ignored and not copied to --out). evict gives a never-kept key e_j = j-1.
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <string>
 
 #include "dma/bundle.hpp"
+#include "dma/decode.hpp"
 #ifdef DMA_RUN_HAVE_CUDA
 #include "dma/cuda.hpp"
 #endif
@@ -23,6 +31,8 @@ struct Args {
   std::string in, out, form = "exp", backend = "cpu", tiled_mode = "gather";
   int64_t window = 0, tile_q = 64, tile_k = 64;
   bool non_causal = false;
+  bool decode = false;
+  int64_t prefill = 0;  // --decode: prompt tokens per sequence
   double scale = 0;
 };
 
@@ -84,6 +94,33 @@ void run_cuda([[maybe_unused]] const Args& args, [[maybe_unused]] const dma::Bun
 #endif
 }
 
+// --decode: prefill over the first args.prefill tokens, then one step per token.
+template <typename T>
+void run_decode(const Args& args, dma::Bundle in, const dma::Options& opt) {
+  if (in.arrays.erase("do"))
+    std::printf("dma_run: --decode computes no gradients: do.npy is ignored and not copied to --out\n");
+  const auto& q = in.arrays.at("q").shape;
+  const auto& k = in.arrays.at("k").shape;
+  if (q.size() == 4 && k.size() == 4 && q[2] != k[2])
+    throw dma::Error("--decode needs Lq == Lk (the prompt's queries, then one query per step), got Lq = " +
+                     std::to_string(q[2]) + ", Lk = " + std::to_string(k[2]));
+  const dma::Problem<T> p = dma::problem_from_bundle<T>(in, opt);
+  const auto t0 = std::chrono::steady_clock::now();
+  const dma::Result<T> r =
+      dma::decode_problem(p, args.prefill, p.shape.mask_numel() <= dma::kMaxMaskElements);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  dma::add_outputs(in, p.shape, r);  // the inputs (less do) travel with the outputs
+  dma::write_bundle(args.out, in);
+  const dma::Shape& s = p.shape;
+  std::printf("dma_run: decode B=%lld Hq=%lld Hkv=%lld Hd=%lld L=%lld D=%lld prefill=%lld steps=%lld\n",
+              static_cast<long long>(s.B), static_cast<long long>(s.Hq),
+              static_cast<long long>(s.Hkv), static_cast<long long>(s.Hd),
+              static_cast<long long>(s.Lk), static_cast<long long>(s.D),
+              static_cast<long long>(args.prefill), static_cast<long long>(s.Lk - args.prefill));
+  std::printf("  time ms: %.3f (prefill and steps); cache: at most w = %lld entries per (sequence, delta head)\n",
+              ms, static_cast<long long>(opt.window));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -101,6 +138,11 @@ int main(int argc, char** argv) {
   app.add_option("--tile-k", args.tile_k, "tiled backend: keys per tile (Bk)")->check(CLI::PositiveNumber);
   app.add_option("--tiled-mode", args.tiled_mode, "tiled backend: which key blocks to visit")
       ->check(CLI::IsMember({"dense", "skip", "gather"}));
+  CLI::Option* decode = app.add_flag("--decode", args.decode,
+                                     "decode with a cache of w keys per head (causal, Lq == Lk; no gradients)");
+  app.add_option("--prefill", args.prefill, "--decode: prompt tokens per sequence, 0..L (default 0)")
+      ->check(CLI::NonNegativeNumber)
+      ->needs(decode);
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -116,7 +158,13 @@ int main(int argc, char** argv) {
     const dma::Bundle in = dma::read_bundle(args.in, /*with_outputs=*/false);
     if (in.has("delta") && (in.has("w_dt") || in.has("a")))  // e.g. re-running an output bundle
       std::printf("dma_run: delta.npy is given, so w_dt and a are ignored and dw_dt, da are not written\n");
-    if (args.backend == "cuda")
+    if (args.decode && args.backend == "cuda")
+      throw BackendUnavailable("--decode runs on the CPU; the GPU decode step is the device API of dma/cuda_decode.hpp");
+    if (args.decode && dma::bundle_float_type(in) == dma::DType::f64)
+      run_decode<double>(args, in, opt);
+    else if (args.decode)
+      run_decode<float>(args, in, opt);
+    else if (args.backend == "cuda")
       run_cuda(args, in, opt);
     else if (dma::bundle_float_type(in) == dma::DType::f64)
       run_cpu<double>(args, in, opt);
