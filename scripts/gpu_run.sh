@@ -24,10 +24,11 @@ case "$mode" in
 build)
   set -e
   cmake -S . -B build-cuda -DCMAKE_CUDA_ARCHITECTURES=90 -DDMA_WITH_VIEWER=OFF >/dev/null
-  cmake --build build-cuda -j2 --target test_cuda dma_bench dma_fwd_lab tutorial_08_cuda_kernel
+  cmake --build build-cuda -j2 --target test_cuda dma_bench decode_bench dma_fwd_lab \
+    tutorial_08_cuda_kernel
   rm -rf "$BIN" && mkdir -p "$BIN"
-  cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench build-cuda/cuda/dev/dma_fwd_lab \
-     build-cuda/tutorials/tutorial_08_cuda_kernel "$BIN"/
+  cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench build-cuda/bench/decode_bench \
+     build-cuda/cuda/dev/dma_fwd_lab build-cuda/tutorials/tutorial_08_cuda_kernel "$BIN"/
   git rev-parse HEAD > "$BIN/COMMIT" 2>/dev/null || true
   git status --porcelain -- core cuda tests/cuda.cmake 'tests/test_cuda*' bench scripts > "$BIN/DIRTY" || true
   du -sh "$BIN"

@@ -3,7 +3,9 @@
 #   test_cuda.cpp             the pipeline against the float64 reference, errors, out of memory
 #   test_cuda_device_api.cpp  the device-pointer API: no allocation, graph capture, = the wrapper
 #   test_cuda_rule.cu         the mask rule and the bf16/fp16 rounding: device = host
-add_executable(test_cuda test_main.cpp test_cuda.cpp test_cuda_device_api.cpp test_cuda_rule.cu)
+#   test_cuda_decode.cpp      the decode step: the same cache and o, lse as the CPU step
+add_executable(test_cuda test_main.cpp test_cuda.cpp test_cuda_device_api.cpp test_cuda_rule.cu
+                         test_cuda_decode.cpp)
 target_compile_definitions(test_cuda PRIVATE DMA_TEST_NEEDS_CUDA=1)
 target_compile_options(test_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
 target_link_libraries(test_cuda PRIVATE dma_cuda dma_core doctest::doctest CUDA::cudart_static)
