@@ -2,7 +2,7 @@
 """Training-step benchmark: a small transformer with DynamicMaskAttention against the same model
 with dense causal attention through SDPA (flash backend) and FlexAttention (compiled, causal).
 
-    python3 python/bench_train.py [--N 16384] [--window 2048] [--layers 2] [--d-model 1024]
+    PYTHONPATH=<dma_torch build> python3 bench/train_step.py [--N 16384] [--window 2048] [--layers 2] [--d-model 1024]
                                   [--heads 16] [--kv-heads 8] [--steps 10] [--peers flash,flex]
 
 One step = forward, loss, backward and an AdamW update, weights and activations in bf16; timed
