@@ -63,9 +63,9 @@ class DynamicMaskAttention(nn.Module):
         self.w_dt = nn.Linear(n_kv_heads * head_dim, self.n_dyn_heads, bias=False, **kw)
         self.a = nn.Parameter(torch.empty(self.n_dyn_heads, **kw))
         if rope:
-            inv_freq = 1.0 / (rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                                         device=device) / head_dim))
-            self.register_buffer("inv_freq", inv_freq, persistent=False)
+            # Kept as a plain float32 tensor, not a buffer: module.to(torch.bfloat16) would round
+            # a buffer, and bf16 frequencies put the phases radians off at long positions.
+            self.rope_base = float(rope_base)
         self.reset_dynamic_parameters()
 
     def reset_dynamic_parameters(self):
@@ -78,8 +78,11 @@ class DynamicMaskAttention(nn.Module):
                 f"form={self.form!r}, rope={self.rope}, causal={self.causal}")
 
     def _apply_rope(self, x):  # x (B, H, L, D)
+        D = x.shape[-1]
+        inv_freq = 1.0 / (self.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32,
+                                                          device=x.device) / D))
         pos = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))
+        freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return x * cos + _rotate_half(x) * sin

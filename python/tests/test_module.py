@@ -107,3 +107,14 @@ def test_module_rejects_bad_config():
         DynamicMaskAttention(32, 4, 2, window=0)
     with pytest.raises(ValueError, match="x: expected shape"):
         DynamicMaskAttention(32, 4, 2, window=4)(torch.randn(2, 5, 31))
+
+
+def test_rope_frequencies_survive_a_dtype_cast():
+    # module.to(bf16) must not round the rotary frequencies (bf16 would put the phases radians
+    # off at long positions): they are made in float32 at every call.
+    torch.manual_seed(0)
+    m = DynamicMaskAttention(64, 2, 1, window=8, rope=True)
+    x = torch.randn(1, 2, 4096, 32, dtype=torch.float64)
+    want = m._apply_rope(x)
+    m.to(torch.bfloat16)
+    assert torch.equal(m._apply_rope(x), want)
