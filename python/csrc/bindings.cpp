@@ -6,13 +6,18 @@
 //   backward(q, k, v, w_dt, a, delta, mask_state, o, lse, dout, window, causal, form, scale)
 //       -> [dq, dk, dv, ddelta, dw_dt, da]        (dw_dt, da empty when delta was given)
 //
+//   DecodeCache: the decode cache of core/include/dma/decode.hpp (CPU; see its block below)
+//
 // On the CPU every output has q's dtype and mask_state is evict (B,Hd,Lk) int64. dma::Error
 // becomes dma_torch._C.DMAError, a ValueError.
 #include <torch/extension.h>
 
 #include <cstring>
+#include <mutex>
+#include <variant>
 
 #include "common.h"
+#include "dma/decode.hpp"
 #include "dma/pipeline.hpp"
 #include "dma/validate.hpp"
 
@@ -186,6 +191,232 @@ std::vector<at::Tensor> backward(at::Tensor q, at::Tensor k, at::Tensor v,
 }  // namespace
 }  // namespace dma_torch
 
+// ---- decoding: dma::DecodeCache behind a Python object (core/include/dma/decode.hpp) ----------
+//
+//   DecodeCache(B, Hq, Hkv, Hd, D, window, form, scale, max_length, float64)
+//   .prefill(b, k, v, w_dt, a, q, delta) -> (delta (Hd,P), evict (Hd,P) int64, o (Hq,P,D) | None,
+//                                             lse (Hq,P) | None)
+//   .step(q, k, v, w_dt, a, active, delta) -> (o (B,Hq,D), lse (B,Hq), delta (B,Hd),
+//                                              position (B) int64, evicted (B,Hd) int64)
+//   .positions(b, hd), .deltas(b, hd), .length(), .max_length(), .reset(b, max_length)
+//
+// The cache holds float or double entries (float64 picks); every tensor passed must be a CPU
+// tensor of that dtype and of the exact shape. dma_torch.DMACache (dma_torch/decode.py) checks
+// the arguments first. A call that throws leaves the cache as it was (decode.hpp). The GIL is
+// released while the core works; a mutex serialises the calls on one cache.
+namespace dma_torch {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+template <typename C>
+struct cache_value;
+template <typename T>
+struct cache_value<dma::DecodeCache<T>> {
+  using type = T;
+};
+
+template <typename T>
+std::vector<T> cache_vec(const at::Tensor& t, const char* name, const std::vector<int64_t>& sizes) {
+  const auto want = c10::CppTypeToScalarType<T>::value;
+  if (t.device().type() != at::kCPU || t.scalar_type() != want)
+    throw dma::Error(std::string(name) + ": a " + std::string(c10::toString(t.scalar_type())) +
+                     " tensor on " + t.device().str() + "; the cache takes " +
+                     c10::toString(want) + " tensors on the CPU");
+  if (t.sizes() != at::IntArrayRef(sizes))
+    throw dma::Error(std::string(name) + ": shape " + c10::str(t.sizes()) + ", expected " +
+                     c10::str(at::IntArrayRef(sizes)));
+  return to_vec<T>(t, name);
+}
+
+template <typename T>
+std::vector<T> optional_vec(const OptTensor& t, const char* name, const std::vector<int64_t>& sizes) {
+  return t ? cache_vec<T>(*t, name, sizes) : std::vector<T>{};
+}
+
+void check_weights_given(const OptTensor& w_dt, const OptTensor& a, const OptTensor& delta) {
+  if (delta && (w_dt || a))
+    throw dma::Error("delta: given together with w_dt/a; pass either w_dt and a, or delta");
+  if (!delta && (!w_dt || !a)) throw dma::Error("w_dt, a: both are needed when delta is not given");
+}
+
+class DecodeCacheObject {
+ public:
+  DecodeCacheObject(int64_t B, int64_t Hq, int64_t Hkv, int64_t Hd, int64_t D, int64_t window,
+                    const std::string& form, double scale, int64_t max_length, bool float64)
+      : cache_(make(B, Hq, Hkv, Hd, D, window, form, scale, max_length, float64)) {}
+
+  pybind11::tuple prefill(int64_t b, const at::Tensor& k, const at::Tensor& v, const OptTensor& w_dt,
+                          const OptTensor& a, const OptTensor& q, const OptTensor& delta) {
+    return std::visit([&](auto& c) { return prefill_impl(c, b, k, v, w_dt, a, q, delta); }, cache_);
+  }
+
+  pybind11::tuple step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const OptTensor& w_dt, const OptTensor& a,
+                       const std::optional<std::vector<int64_t>>& active, const OptTensor& delta) {
+    return std::visit([&](auto& c) { return step_impl(c, q, k, v, w_dt, a, active, delta); }, cache_);
+  }
+
+  std::vector<int64_t> positions(int64_t b, int64_t hd) const {
+    return std::visit([&](const auto& c) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      check_head(c.config, b, hd);
+      return c.positions(b, hd);
+    }, cache_);
+  }
+
+  std::vector<double> deltas(int64_t b, int64_t hd) const {
+    return std::visit([&](const auto& c) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      check_head(c.config, b, hd);
+      std::vector<double> out;
+      for (const auto& e : c.at(b, hd)) out.push_back(static_cast<double>(e.delta));
+      return out;
+    }, cache_);
+  }
+
+  std::vector<int64_t> length() const {
+    return std::visit([&](const auto& c) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      return c.length;
+    }, cache_);
+  }
+
+  std::vector<int64_t> max_length() const {
+    return std::visit([&](const auto& c) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      return c.max_length;
+    }, cache_);
+  }
+
+  // Empties sequence b; max_length >= 0 also sets its declared maximum (0 = none), -1 keeps it.
+  void reset(int64_t b, int64_t max_length) {
+    if (max_length < -1)
+      throw dma::Error("max_length: " + std::to_string(max_length) +
+                       " (must be >= 0; 0 means no limit)");
+    std::visit([&](auto& c) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      c.reset_sequence(b);  // checks b
+      if (max_length >= 0) c.max_length[b] = max_length;
+    }, cache_);
+  }
+
+ private:
+  using Variant = std::variant<dma::DecodeCache<float>, dma::DecodeCache<double>>;
+
+  static Variant make(int64_t B, int64_t Hq, int64_t Hkv, int64_t Hd, int64_t D, int64_t window,
+                      const std::string& form, double scale, int64_t max_length, bool float64) {
+    dma::DecodeConfig c;
+    c.B = B; c.Hq = Hq; c.Hkv = Hkv; c.Hd = Hd; c.D = D;
+    c.window = window;
+    c.form = dma::parse_form(form);
+    c.scale = scale;
+    c.max_length = max_length;
+    if (float64) return Variant(std::in_place_type<dma::DecodeCache<double>>, c);
+    return Variant(std::in_place_type<dma::DecodeCache<float>>, c);
+  }
+
+  static void check_head(const dma::DecodeConfig& c, int64_t b, int64_t hd) {
+    if (b < 0 || b >= c.B)
+      throw dma::Error("b: sequence " + std::to_string(b) + " does not exist (B = " +
+                       std::to_string(c.B) + ")");
+    if (hd < 0 || hd >= c.Hd)
+      throw dma::Error("h: delta head " + std::to_string(hd) + " does not exist (Hd = " +
+                       std::to_string(c.Hd) + ")");
+  }
+
+  template <typename C>
+  pybind11::tuple prefill_impl(C& cache, int64_t b, const at::Tensor& k, const at::Tensor& v,
+                               const OptTensor& w_dt, const OptTensor& a, const OptTensor& q,
+                               const OptTensor& delta) {
+    using T = typename cache_value<C>::type;
+    const dma::DecodeConfig& c = cache.config;
+    check_weights_given(w_dt, a, delta);
+    expect_dim(k, 3, "k");
+    const int64_t P = k.size(1);
+    dma::Prompt<T> prompt;
+    prompt.k = cache_vec<T>(k, "k", {c.Hkv, P, c.D});
+    prompt.v = cache_vec<T>(v, "v", {c.Hkv, P, c.D});
+    prompt.q = optional_vec<T>(q, "q", {c.Hq, P, c.D});
+    prompt.delta = optional_vec<T>(delta, "delta", {c.Hd, P});
+    const std::vector<T> wv = optional_vec<T>(w_dt, "w_dt", {c.Hd, c.Hkv * c.D});
+    const std::vector<T> av = optional_vec<T>(a, "a", {c.Hd});
+    // finiteness first, so that an index names the prompt's own tensor (with q, the core checks
+    // a one-sequence forward, whose indices have a leading batch index 0)
+    dma::validate_finite(prompt.q, {c.Hq, P, c.D}, "q");
+    dma::validate_finite(prompt.k, {c.Hkv, P, c.D}, "k");
+    dma::validate_finite(prompt.v, {c.Hkv, P, c.D}, "v");
+    dma::validate_finite(prompt.delta, {c.Hd, P}, "delta");
+    dma::PrefillResult<T> r;
+    {
+      pybind11::gil_scoped_release nogil;
+      std::lock_guard<std::mutex> lock(mutex_);
+      r = dma::prefill(cache, b, prompt, wv, av);
+    }
+    pybind11::object o = pybind11::none(), lse = pybind11::none();
+    if (q) {
+      o = pybind11::cast(to_tensor(r.fwd.o, {c.Hq, P, c.D}));
+      lse = pybind11::cast(to_tensor(r.fwd.lse, {c.Hq, P}));
+    }
+    return pybind11::make_tuple(to_tensor(r.delta, {c.Hd, P}), to_tensor(r.evict, {c.Hd, P}), o, lse);
+  }
+
+  template <typename C>
+  pybind11::tuple step_impl(C& cache, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const OptTensor& w_dt, const OptTensor& a,
+                            const std::optional<std::vector<int64_t>>& active, const OptTensor& delta) {
+    using T = typename cache_value<C>::type;
+    const dma::DecodeConfig& c = cache.config;
+    check_weights_given(w_dt, a, delta);
+    dma::DecodeTokens<T> tokens;
+    tokens.q = cache_vec<T>(q, "q", {c.B, c.Hq, c.D});
+    tokens.k = cache_vec<T>(k, "k", {c.B, c.Hkv, c.D});
+    tokens.v = cache_vec<T>(v, "v", {c.B, c.Hkv, c.D});
+    tokens.delta = optional_vec<T>(delta, "delta", {c.B, c.Hd});
+    if (active) {
+      if (static_cast<int64_t>(active->size()) != c.B)
+        throw dma::Error("active: has " + std::to_string(active->size()) +
+                         " elements, expected B = " + std::to_string(c.B));
+      for (int64_t x : *active) tokens.active.push_back(x != 0 ? 1 : 0);
+    }
+    const std::vector<T> wv = optional_vec<T>(w_dt, "w_dt", {c.Hd, c.Hkv * c.D});
+    const std::vector<T> av = optional_vec<T>(a, "a", {c.Hd});
+    dma::DecodeOutput<T> out;
+    {
+      pybind11::gil_scoped_release nogil;
+      std::lock_guard<std::mutex> lock(mutex_);
+      out = dma::step(cache, tokens, wv, av);
+    }
+    return pybind11::make_tuple(to_tensor(out.o, {c.B, c.Hq, c.D}), to_tensor(out.lse, {c.B, c.Hq}),
+                                to_tensor(out.delta, {c.B, c.Hd}), to_tensor(out.position, {c.B}),
+                                to_tensor(out.evicted, {c.B, c.Hd}));
+  }
+
+  Variant cache_;
+  mutable std::mutex mutex_;
+};
+
+void bind_decode(pybind11::module_& m) {
+  using namespace pybind11::literals;
+  pybind11::class_<DecodeCacheObject>(m, "DecodeCache")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const std::string&,
+                          double, int64_t, bool>(),
+           "B"_a, "Hq"_a, "Hkv"_a, "Hd"_a, "D"_a, "window"_a, "form"_a, "scale"_a, "max_length"_a,
+           "float64"_a)
+      .def("prefill", &DecodeCacheObject::prefill, "b"_a, "k"_a, "v"_a, "w_dt"_a, "a"_a, "q"_a,
+           "delta"_a)
+      .def("step", &DecodeCacheObject::step, "q"_a, "k"_a, "v"_a, "w_dt"_a, "a"_a, "active"_a,
+           "delta"_a)
+      .def("positions", &DecodeCacheObject::positions, "b"_a, "hd"_a)
+      .def("deltas", &DecodeCacheObject::deltas, "b"_a, "hd"_a)
+      .def("length", &DecodeCacheObject::length)
+      .def("max_length", &DecodeCacheObject::max_length)
+      .def("reset", &DecodeCacheObject::reset, "b"_a, "max_length"_a);
+}
+
+}  // namespace
+}  // namespace dma_torch
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pybind11::literals;
   m.doc() = "DMA (Dynamic Mask Attention) kernels for torch tensors; use dma_torch, not this module";
@@ -213,6 +444,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "B"_a, "Hq"_a, "Hkv"_a, "Hd"_a, "Lq"_a, "Lk"_a, "D"_a, "window"_a, "causal"_a, "form"_a,
       "fp16"_a);
+  dma_torch::bind_decode(m);
   m.def("build_info", [] {
     pybind11::dict d;
     d["eigen"] = bool(DMA_TORCH_HAVE_EIGEN);

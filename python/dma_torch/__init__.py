@@ -8,11 +8,12 @@ cuda/), DynamicMaskAttention a drop-in attention layer built on it. See README.m
 import torch  # noqa: F401  (first: _C links against torch's libraries)
 
 from . import _C
+from .decode import DMACache
 from .modules import DynamicMaskAttention
 from .ops import HAS_CUSTOM_OP, DMAError, dma_attention, set_cuda_checks
 
 __all__ = ["dma_attention", "DynamicMaskAttention", "DMAError", "set_cuda_checks", "build_info",
-           "HAS_CUSTOM_OP"]
+           "HAS_CUSTOM_OP", "DMACache"]
 __version__ = "0.1.0"
 
 
