@@ -79,6 +79,36 @@ void click(InspectorState& st, float x, float y) {
 
 ImVec2 centre(const Rect& r) { return ImVec2(r.x + 0.5f * r.w, r.y + 0.5f * r.h); }
 
+// An empty folder of this stem and the process id under the temporary directory.
+std::filesystem::path fresh_temp_dir(const std::string& stem) {
+  const auto dir = std::filesystem::temp_directory_path() / (stem + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// Writes the bundle dma_run would write for random inputs of this shape (inputs, do, outputs;
+// the mask unless keep_mask is false) at path, and returns the path.
+std::string write_run_bundle(const std::string& path, const dma::Shape& sh, int window, bool causal,
+                             bool keep_mask, float w_dt_scale, std::mt19937_64& rng) {
+  std::normal_distribution<float> nd;
+  auto randn = [&](int64_t n) { std::vector<float> x(static_cast<size_t>(n)); for (auto& e : x) e = nd(rng); return x; };
+  dma::Problem<float> p;
+  p.shape = sh;
+  p.opt.window = window;
+  p.opt.causal = causal;
+  p.q = randn(sh.q_numel()); p.k = randn(sh.kv_numel()); p.v = randn(sh.kv_numel());
+  p.w_dt = randn(sh.w_dt_numel()); for (auto& w : p.w_dt) w *= w_dt_scale;
+  p.a.assign(static_cast<size_t>(sh.Hd), 1.0f);
+  p.dout = randn(sh.q_numel());
+  const dma::Result<float> r = dma::run_pipeline(p, dma::Backend::cpu);
+  dma::Bundle b = dma::bundle_from_problem(p);
+  dma::add_outputs(b, sh, r);
+  if (!keep_mask) b.arrays.erase("mask");
+  dma::write_bundle(path, b);
+  return path;
+}
+
 }  // namespace
 
 TEST_SUITE("gui") {
@@ -437,28 +467,10 @@ TEST_CASE("live CUDA against the CPU reference on the same bf16-rounded inputs")
 
 TEST_CASE("opening dma_run bundles: non-causal Lq > Lk - no mask - wrong shapes") {
   namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / ("dma_viewer_bundles_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  const fs::path dir = fresh_temp_dir("dma_viewer_bundles_");
   std::mt19937_64 rng(7);
-  std::normal_distribution<float> nd;
-  auto randn = [&](int64_t n) { std::vector<float> x(static_cast<size_t>(n)); for (auto& e : x) e = nd(rng); return x; };
-  // Writes the bundle dma_run would write for this problem: inputs and outputs.
   auto write = [&](const std::string& name, const dma::Shape& sh, bool causal, bool keep_mask) {
-    dma::Problem<float> p;
-    p.shape = sh;
-    p.opt.window = 6;
-    p.opt.causal = causal;
-    p.q = randn(sh.q_numel()); p.k = randn(sh.kv_numel()); p.v = randn(sh.kv_numel());
-    p.w_dt = randn(sh.w_dt_numel()); for (auto& w : p.w_dt) w *= 0.2f;
-    p.a.assign(static_cast<size_t>(sh.Hd), 1.0f);
-    p.dout = randn(sh.q_numel());
-    const dma::Result<float> r = dma::run_pipeline(p, dma::Backend::cpu);
-    dma::Bundle b = dma::bundle_from_problem(p);
-    dma::add_outputs(b, sh, r);
-    if (!keep_mask) b.arrays.erase("mask");
-    dma::write_bundle((dir / name).string(), b);
-    return (dir / name).string();
+    return write_run_bundle((dir / name).string(), sh, 6, causal, keep_mask, 0.2f, rng);
   };
   dma::Shape sh;
   sh.Hq = 2; sh.Hkv = 1; sh.Hd = 1; sh.Lq = 40; sh.Lk = 20; sh.D = 8;
@@ -474,6 +486,123 @@ TEST_CASE("opening dma_run bundles: non-causal Lq > Lk - no mask - wrong shapes"
   const std::string bad = write("bad_evict", sh, true, true);
   dma::write_npy(bad + "/evict.npy", dma::make_npy(std::vector<int64_t>(5, 0), {1, 1, 5}));
   CHECK_THROWS_AS(load_bundle_data(bad, "bad"), dma::Error);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a model folder: layers in order, tokens, a bad layer - the model view and the layer switch") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fresh_temp_dir("dma_viewer_model_");
+  std::mt19937_64 rng(11);
+  dma::Shape sh;
+  sh.Hq = 2; sh.Hkv = 2; sh.Hd = 2; sh.Lq = 24; sh.Lk = 24; sh.D = 8;
+  auto write = [&](const std::string& name, int window) {  // one layer
+    return write_run_bundle((dir / name).string(), sh, window, true, true, 1.0f, rng);
+  };
+  std::string tokens;
+  for (int j = 0; j < 24; ++j) tokens += "t" + std::to_string(j) + "\n";
+  std::ofstream(write("layer_00", 4) + "/tokens.txt") << tokens;
+  std::ofstream(write("layer_10", 8) + "/tokens.txt") << "too\nfew\n";  // after layer_2, not before
+  write("layer_2", 6);
+  fs::create_directories(dir / "layer_03");  // not a bundle: unreadable, the others still open
+  fs::create_directories(dir / "notes");     // not a layer at all
+  fs::create_directories(dir / "layer_x1");
+
+  CHECK(model_layer_dirs((dir / "layer_00").string()).empty());  // a plain bundle
+  CHECK(load_model((dir / "layer_00").string()) == nullptr);
+  const std::shared_ptr<const Model> model = load_model(dir.string());
+  REQUIRE(model != nullptr);
+  REQUIRE(model->layers.size() == 4);
+  CHECK(model->layers[0].name == "layer_00");
+  CHECK(model->layers[1].name == "layer_2");
+  CHECK(model->layers[2].name == "layer_03");
+  CHECK(model->layers[3].name == "layer_10");
+  CHECK(model->layers[2].data == nullptr);
+  CHECK(!model->layers[2].error.empty());
+  CHECK(model->first_readable() == 0);
+  CHECK(model->max_delta_heads() == 2);
+  const ModelLayer& l0 = *model->layers.begin();
+  REQUIRE(l0.data != nullptr);
+  CHECK(l0.data->window == 4);
+  CHECK(l0.data->labels.tokens.size() == 24);
+  CHECK(l0.data->labels.error.empty());
+  CHECK(l0.stats.size() == 2);
+  CHECK(l0.stats[0].kept > 0);
+  CHECK(model->layers[1].data->window == 6);
+  // A tokens.txt of the wrong length: the layer opens, without labels, and says why.
+  CHECK(model->layers[3].data->labels.tokens.empty());
+  CHECK(model->layers[3].data->labels.error == "tokens.txt has 2 lines, expected Lk = 24 (one per key); not used.");
+
+  Context ctx;
+  FakeTextures textures;
+  Worker worker(nullptr);
+  InspectorState st;
+  st.model = model;
+  st.bundle = l0.data;
+  worker.set_data(nullptr, st.bundle);
+  worker.set_model(model);
+  st.worker = &worker;
+  st.textures = &textures;
+  st.params.source = Source::bundle;
+  st.params.window = l0.data->window;
+  st.params.a = l0.data->a;
+  st.params.run = {true, false, false, false, false};
+  st.view.model_view = true;
+  worker.request(st.params);
+  REQUIRE(worker.wait_idle(120));
+  for (int n = 0; n < 5 || st.builds_pending; ++n) frame(st, -1000, -1000);
+  REQUIRE(st.snap != nullptr);
+  CHECK(st.snap->error.empty());
+  CHECK(st.snap->source_label.find("layer_00") != std::string::npos);
+  REQUIRE(st.view.model_rects.size() == 4);
+  REQUIRE(st.view.model_rects[1].size() == 2);
+  CHECK(st.view.model_rects[1][1].w > 20);
+  CHECK(textures.uploads == 6);  // 3 readable layers x 2 delta heads, no head view
+
+  SUBCASE("clicking a cell opens that layer and head in the mask view") {
+    const ImVec2 c = centre(st.view.model_rects[3][1]);
+    click(st, c.x, c.y);
+    CHECK(st.params.layer == 3);
+    CHECK(st.params.window == 8);  // the layer's own settings
+    CHECK_FALSE(st.view.model_view);
+    CHECK(st.view.kind == ViewKind::mask);
+    CHECK(st.view.locked_head == 1);  // the query head of delta head 1
+    REQUIRE(worker.wait_idle(120));
+    frame(st, -1000, -1000);
+    REQUIRE(st.snap->views != nullptr);
+    CHECK(st.snap->source_label.find("layer_10") != std::string::npos);
+    CHECK(st.snap->views->opt.window == 8);
+    CHECK(st.large.reduce == Reduce::mean);
+    // This layer's tokens.txt was refused: no labels, the plain indices.
+    CHECK(cell_label(st.large, Cell{5, 3}, st.snap->views->shape, nullptr) == "query 5, key 3");
+  }
+  SUBCASE("the layer switch: an unreadable layer is refused, a readable one loads; tokens label cells") {
+    CHECK_FALSE(select_layer(st, 2));
+    CHECK(st.params.layer == 0);
+    CHECK(st.message.find("layer_03") == 0);
+    CHECK(select_layer(st, 1));
+    CHECK(st.params.layer == 1);
+    CHECK(st.bundle == model->layers[1].data);
+    st.view.model_view = false;
+    frame(st, -1000, -1000);
+    REQUIRE(worker.wait_idle(120));
+    frame(st, -1000, -1000);
+    CHECK(st.snap->source_label.find("layer_2") != std::string::npos);
+    CHECK(st.snap->views->opt.window == 6);
+    CHECK(select_layer(st, 0));
+    frame(st, -1000, -1000);
+    REQUIRE(worker.wait_idle(120));
+    frame(st, -1000, -1000);
+    REQUIRE(snapshot_data(st) == l0.data.get());
+    CHECK(cell_label(st.large, Cell{5, 3}, st.snap->views->shape, &l0.data->labels) ==
+          "query 5 \"t5\", key 3 \"t3\"");
+    // Hovering the large view shows the tooltip without trouble, labels and all.
+    const Rect r = st.view.image_rect;
+    frame(st, r.x + 0.5f * r.w, r.y + 0.9f * r.h);
+    frame(st, r.x + 0.5f * r.w, r.y + 0.9f * r.h);
+    CHECK(st.view.hover.has_value());
+  }
+  st.worker = nullptr;
+  release_textures(st);
   fs::remove_all(dir);
 }
 

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 #include <stb_image.h>  // the implementation is in libstb
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -11,12 +12,15 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "colormap.hpp"
 #include "dma/mask.hpp"
 #include "dma/tiled.hpp"
 #include "format.hpp"
 #include "heatmap.hpp"
+#include "labels.hpp"
 #include "tiles.hpp"
 #include "view_data.hpp"
 
@@ -116,6 +120,76 @@ TEST_CASE("downsampling: a single kept cell is never averaged away") {
   int ones = 0;
   for (float x : d.values) ones += x == 1.0f;
   CHECK(ones == 1);
+}
+
+TEST_CASE("downsampling a 0/1 mask: the fraction kept per block, not the maximum") {
+  // 2048 x 2048, causal, sliding window w = 64 (a = 0): query i keeps keys i-63..i.
+  const int64_t L = 2048, w = 64, f = 16;
+  const std::vector<int64_t> last = causal_limits(L, L, true);
+  std::vector<float> m(static_cast<size_t>(L * L), 0.0f);
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t j = std::max<int64_t>(0, i - w + 1); j <= i; ++j) m[i * L + j] = 1.0f;
+  const MatrixView v{m.data(), L, L, L};
+
+  // The maximum: every texel that touches the band is "kept", so the thumbnail reads solid.
+  const Downsampled mx = downsample(v, last.data(), f, f, Reduce::max);
+  const Downsampled mean = downsample(v, last.data(), f, f, Reduce::mean);
+  REQUIRE(mean.rows == L / f);
+  REQUIRE(mean.cols == L / f);
+  CHECK(std::string(reduce_label(Reduce::mean)) == "mean");
+  int64_t max_ones = 0, mean_ones = 0;
+  for (size_t k = 0; k < mean.values.size(); ++k) {
+    if (mean.state[k] != CellState::value) continue;
+    max_ones += mx.values[k] == 1.0f;
+    mean_ones += mean.values[k] == 1.0f;
+    CHECK(mean.values[k] >= 0.0f);
+    CHECK(mean.values[k] <= 1.0f);
+  }
+  CHECK(max_ones > 4 * (L / f));  // the band, 5 texels wide, all at 1
+  CHECK(mean_ones <= 4 * (L / f));  // only the texels wholly inside the band
+
+  // Per texel row: the mean weighted by the allowed cells per texel is kept / allowed = w / (i+1)
+  // averaged over the block, i.e. about w / allowed, far from 1.
+  for (int64_t R : {int64_t{8}, int64_t{40}, int64_t{127}}) {
+    double kept = 0, allowed = 0;
+    for (int64_t C = 0; C < mean.cols; ++C) {
+      int64_t n = 0;  // allowed cells in texel (R, C)
+      for (int64_t i = R * f; i < (R + 1) * f; ++i)
+        n += std::max<int64_t>(0, std::min(last[i], (C + 1) * f - 1) - C * f + 1);
+      if (n == 0) {
+        CHECK(mean.state[R * mean.cols + C] == CellState::outside);
+        continue;
+      }
+      kept += mean.values[R * mean.cols + C] * static_cast<double>(n);
+      allowed += static_cast<double>(n);
+    }
+    CHECK(kept == doctest::Approx(static_cast<double>(w * f)).epsilon(1e-5));
+    double expect_allowed = 0;
+    for (int64_t i = R * f; i < (R + 1) * f; ++i) expect_allowed += static_cast<double>(i + 1);
+    CHECK(allowed == doctest::Approx(expect_allowed));
+    CHECK(kept / allowed == doctest::Approx(static_cast<double>(w * f) / expect_allowed).epsilon(1e-5));
+    CHECK(kept / allowed < 0.5);
+  }
+  // Far from the diagonal nothing is kept: 0, not 1; on the diagonal everything allowed is kept.
+  CHECK(mean.values[100 * mean.cols + 10] == 0.0f);
+  CHECK(mean.values[100 * mean.cols + 100] == 1.0f);
+  // A texel four blocks left of the diagonal holds part of the band: a fraction strictly between.
+  CHECK(mean.values[100 * mean.cols + 96] > 0.0f);
+  CHECK(mean.values[100 * mean.cols + 96] < 1.0f);
+  CHECK(mx.values[100 * mean.cols + 96] == 1.0f);
+}
+
+TEST_CASE("mean-downsampling skips NaN cells and keeps the states") {
+  const std::vector<float> m = {1, 0, kNaN, kNaN,  //
+                                0, 0, kNaN, 1};
+  const Downsampled d = downsample({m.data(), 2, 4, 4}, nullptr, 2, 2, Reduce::mean);
+  REQUIRE(d.values.size() == 2);
+  CHECK(d.values[0] == doctest::Approx(0.25));
+  CHECK(d.values[1] == doctest::Approx(1.0));
+  CHECK(d.state[1] == CellState::value);
+  const std::vector<float> none = {kNaN, kNaN};
+  const Downsampled e = downsample({none.data(), 1, 2, 2}, nullptr, 1, 2, Reduce::mean);
+  CHECK(e.state[0] == CellState::dropped);
 }
 
 TEST_CASE("downsampling: causal region and dropped cells") {
@@ -379,6 +453,95 @@ TEST_CASE("export: PNG at data resolution and CSV") {
   CHECK_FALSE(write_csv((dir / "no" / "such" / "dir.csv").string(), v, &err));
   CHECK(!err.empty());
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("labels: lines, tokens.txt and roles.txt of the right length - or a clear error") {
+  CHECK(split_lines("a\nb\n") == std::vector<std::string>{"a", "b"});
+  CHECK(split_lines("a\r\nb") == std::vector<std::string>{"a", "b"});
+  CHECK(split_lines("a\n\nc\n") == std::vector<std::string>{"a", "", "c"});
+  CHECK(split_lines("").empty());
+
+  const std::string tokens = "the\ncat\n\xc3\xa9t\xc3\xa9\nsat\n", roles = "filler\nkey\nvalue\nquery\n";
+  const TokenLabels ok = parse_labels(&tokens, &roles, 4);
+  CHECK(ok.error.empty());
+  REQUIRE(ok.tokens.size() == 4);
+  CHECK(ok.tokens[2] == "\xc3\xa9t\xc3\xa9");  // UTF-8 kept as is
+  CHECK(ok.roles == std::vector<Role>{Role::filler, Role::key, Role::value, Role::query});
+
+  const TokenLabels few = parse_labels(&tokens, nullptr, 5);
+  CHECK(few.tokens.empty());
+  CHECK(few.error == "tokens.txt has 4 lines, expected Lk = 5 (one per key); not used.");
+  const std::string bad_roles = "filler\nkey\nvalu\nquery";
+  const TokenLabels bad = parse_labels(&tokens, &bad_roles, 4);
+  CHECK(bad.tokens.size() == 4);  // the tokens still label the axes
+  CHECK(bad.roles.empty());
+  CHECK(bad.error.find("roles.txt line 3: \"valu\" is not key, value, query or filler") == 0);
+  CHECK(parse_labels(nullptr, nullptr, 4).error.empty());
+
+  // Axis labels: the token at the position, quoted, with its role.
+  CHECK(axis_label("query", 180, nullptr, 180) == "query 180");
+  CHECK(axis_label("key", 1, &ok, 1) == "key 1 \"cat\" (key)");
+  CHECK(axis_label("query", 0, &ok, 3) == "query 0 \"sat\" (query)");
+  CHECK(axis_label("key", 9, &ok, 9) == "key 9");  // beyond the labels: the index only
+  CHECK(printable_token("a\tb\"\x01") == "a\\tb\\\"\\x01");
+  const std::string long_token(30, 'x');
+  const std::string cut = printable_token(long_token + "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9");
+  CHECK(cut == long_token + "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9...");  // never mid-character
+}
+
+TEST_CASE("labels: read from a bundle folder, missing files are fine") {
+  const auto dir = std::filesystem::temp_directory_path() / "dma_test_viewer_labels";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  CHECK(read_labels(dir.string(), 3).error.empty());
+  std::ofstream(dir / "tokens.txt") << "x\ny\n";
+  const TokenLabels l = read_labels(dir.string(), 3);
+  CHECK(l.tokens.empty());
+  CHECK(l.error.find("tokens.txt has 2 lines, expected Lk = 3") == 0);
+  std::ofstream(dir / "tokens.txt") << "x\ny\nz\n";
+  CHECK(read_labels(dir.string(), 3).tokens.size() == 3);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("selection statistics: role shares and mean distance from the eviction positions") {
+  // A causal sliding window of w = 2 over 8 tokens: key j is kept by positions j and j + 1.
+  std::vector<int64_t> evict(8);
+  for (int64_t j = 0; j < 8; ++j) evict[j] = j + 1;
+  const std::vector<Role> roles = {Role::key,    Role::value,  Role::filler, Role::filler,
+                                   Role::filler, Role::filler, Role::query,  Role::filler};
+  const SelectionStats s = selection_stats(evict.data(), 8, 8, true, &roles);
+  CHECK(s.kept == 15);  // 1 + 2 * 7
+  CHECK(s.mean_distance == doctest::Approx(7.0 / 15.0));
+  CHECK(s.has_roles);
+  CHECK(s.per_role[static_cast<int>(Role::key)] == 2);    // by queries 0 and 1
+  CHECK(s.per_role[static_cast<int>(Role::value)] == 2);  // by 1 and 2
+  CHECK(s.per_role[static_cast<int>(Role::query)] == 2);
+  CHECK(s.per_role[static_cast<int>(Role::filler)] == 9);
+  CHECK(s.key_value_share() == doctest::Approx(4.0 / 15.0));
+  // Without roles: only counts and distances; roles of the wrong length are ignored.
+  const std::vector<Role> short_roles(3, Role::key);
+  const SelectionStats n = selection_stats(evict.data(), 8, 8, true, &short_roles);
+  CHECK_FALSE(n.has_roles);
+  CHECK(n.kept == 15);
+  CHECK(n.share(Role::key) == 0);
+  // Fewer queries than keys: query i sits at position i + Lk - Lq.
+  const SelectionStats q = selection_stats(evict.data(), 2, 8, true, nullptr);
+  CHECK(q.kept == 4);
+  CHECK(q.mean_distance == doctest::Approx(0.5));
+}
+
+TEST_CASE("mask_from_evict: the kept mask of a stored evict, downsampled by the mean") {
+  std::vector<int64_t> evict(8);
+  for (int64_t j = 0; j < 8; ++j) evict[j] = j + 1;
+  const std::vector<int64_t> last = causal_limits(8, 8, true);
+  const HeadMatrix m = mask_from_evict(evict.data(), last.data(), 8, 8);
+  REQUIRE(m.valid);
+  CHECK(m.binary);
+  CHECK(m.reduce == Reduce::mean);
+  CHECK(m.values[3 * 8 + 3] == 1.0f);
+  CHECK(m.values[3 * 8 + 2] == 1.0f);
+  CHECK(m.values[3 * 8 + 1] == 0.0f);
+  CHECK(std::isnan(m.values[3 * 8 + 4]));  // after the query's position
 }
 
 }  // TEST_SUITE

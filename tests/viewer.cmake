@@ -7,6 +7,10 @@
 #   viewer_xvfb_*     the real executable under xvfb-run: renders, writes a screenshot, which must
 #                     not be blank (labels gui, xvfb; exit 77 = skipped without xvfb-run)
 #   viewer_no_display without a display the executable exits 77
+#   viewer_make_model tools/make_model_bundle.py (numpy) writes a synthetic 4-layer model with
+#                     tokens.txt and roles.txt into the build folder, each layer run by dma_run;
+#                     viewer_xvfb_model* open it: the model view, and a layer's mask with a
+#                     hovered, token-labelled cell
 add_executable(test_viewer test_viewer_main.cpp test_viewer_pure.cpp test_viewer_panels.cpp)
 target_link_libraries(test_viewer PRIVATE dma_inspector_ui doctest::doctest)
 target_compile_definitions(test_viewer PRIVATE DMA_ASSETS_DIR="${PROJECT_SOURCE_DIR}/assets")
@@ -34,3 +38,41 @@ endif()
 # Without a display the inspector exits 77 (so that ctest reports GUI runs as skipped there).
 add_test(NAME viewer_no_display COMMAND test_viewer_xvfb --no-display $<TARGET_FILE:dma_inspector>)
 set_tests_properties(viewer_no_display PROPERTIES LABELS "gui" TIMEOUT 60)
+
+# A model to open (docs/design.md §4), generated at test time: a Python with numpy is needed
+# (Debian's /usr/bin/python3 has it; the first python3 on PATH may not).
+set(DMA_VIEWER_PYTHON "")
+foreach(candidate /usr/bin/python3 python3)
+  find_program(_dma_py NAMES ${candidate} NO_CACHE)
+  if(_dma_py AND NOT DMA_VIEWER_PYTHON)
+    execute_process(COMMAND ${_dma_py} -c "import numpy" RESULT_VARIABLE _dma_np OUTPUT_QUIET ERROR_QUIET)
+    if(_dma_np EQUAL 0)
+      set(DMA_VIEWER_PYTHON ${_dma_py})
+    endif()
+  endif()
+  unset(_dma_py)
+endforeach()
+if(DMA_VIEWER_PYTHON AND TARGET dma_run)
+  set(_dma_model ${CMAKE_CURRENT_BINARY_DIR}/viewer_model)
+  add_test(NAME viewer_make_model
+           COMMAND ${DMA_VIEWER_PYTHON} ${PROJECT_SOURCE_DIR}/tools/make_model_bundle.py
+                   --out ${_dma_model} --dma-run $<TARGET_FILE:dma_run>)
+  set_tests_properties(viewer_make_model PROPERTIES LABELS "gui;xvfb" FIXTURES_SETUP viewer_model
+                       TIMEOUT 300)
+  add_test(NAME viewer_xvfb_model
+           COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
+                   ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_model.png --in ${_dma_model} --model-view)
+  add_test(NAME viewer_xvfb_model_layer
+           COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
+                   ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_model_layer.png --in ${_dma_model}
+                   --layer 3 --view mask --hover 200,5)
+  set_tests_properties(viewer_xvfb_model viewer_xvfb_model_layer PROPERTIES
+                       LABELS "gui;xvfb" SKIP_RETURN_CODE 77 TIMEOUT 600
+                       FIXTURES_REQUIRED viewer_model)
+  if(DMA_SANITIZE)
+    set_tests_properties(viewer_xvfb_model viewer_xvfb_model_layer PROPERTIES
+                         ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0")
+  endif()
+else()
+  message(STATUS "viewer: no python3 with numpy (or no dma_run): the model tests are left out")
+endif()

@@ -144,6 +144,7 @@ std::shared_ptr<BundleData> load_bundle_data(const std::string& dir, const std::
     d->notes += d->causal ? "causal from lse; " : "non-causal from lse; ";
   }
   if (!d->has_stored_outputs) d->notes += "inputs only";
+  d->labels = read_labels(dir, s.Lk);
   return d;
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dma/bundle.hpp"
+#include "labels.hpp"
 
 namespace dma::viewer {
 
@@ -26,6 +27,8 @@ struct BundleData {
   // stored delta is the given input.
   bool delta_given = false;
   std::string notes;         // how the settings were inferred, for the UI
+  // tokens.txt and roles.txt, when the folder has them (labels.error: why one was not used).
+  TokenLabels labels;
 };
 
 // Reads a bundle folder; throws dma::Error (missing tensors, bad shapes, stored outputs whose

@@ -32,7 +32,11 @@ Downsampled downsample(const MatrixView& m, const int64_t* last_allowed, int64_t
   d.state.assign(n, CellState::outside);
 
   // One pass over the source: every allowed cell folds into its texel. A texel becomes "dropped"
-  // once it has an allowed cell and "value" once it has a finite one.
+  // once it has an allowed cell and "value" once it has a finite one. The mean sums in double
+  // and divides at the end.
+  const bool mean = reduce == Reduce::mean;
+  std::vector<double> sum(mean ? n : 0);
+  std::vector<int64_t> count(mean ? n : 0);
   for (int64_t r = 0; r < m.rows; ++r) {
     const int64_t last = last_allowed ? std::min(last_allowed[r], m.cols - 1) : m.cols - 1;
     float* out_v = d.values.data() + (r / d.factor_r) * d.cols;
@@ -45,6 +49,13 @@ Downsampled downsample(const MatrixView& m, const int64_t* last_allowed, int64_t
         if (out_s[t] == CellState::outside) out_s[t] = CellState::dropped;
         continue;
       }
+      if (mean) {
+        const size_t k = static_cast<size_t>((r / d.factor_r) * d.cols + t);
+        sum[k] += v;
+        ++count[k];
+        out_s[t] = CellState::value;
+        continue;
+      }
       if (out_s[t] != CellState::value) {
         out_s[t] = CellState::value;
         out_v[t] = v;
@@ -53,7 +64,19 @@ Downsampled downsample(const MatrixView& m, const int64_t* last_allowed, int64_t
       }
     }
   }
+  if (mean)
+    for (size_t k = 0; k < n; ++k)
+      if (count[k]) d.values[k] = static_cast<float>(sum[k] / static_cast<double>(count[k]));
   return d;
+}
+
+const char* reduce_label(Reduce r) {
+  switch (r) {
+    case Reduce::max: return "max";
+    case Reduce::max_abs: return "max |.|";
+    case Reduce::mean: return "mean";
+  }
+  return "?";
 }
 
 Range value_range(const MatrixView& m, const int64_t* last_allowed) {

@@ -4,7 +4,8 @@
 // A heatmap shows an R x C matrix (queries x keys, or rows x head dim). When there are more cells
 // than pixels, blocks of fr x fc cells become one texel holding the block's maximum (for signed
 // data: the value of largest magnitude), so a single kept key or a single large gradient is never
-// averaged away. Cells that carry no value are NaN ("dropped": allowed but not kept); cells beyond
+// averaged away; or, for 0/1 data (the kept mask), the block's mean over its allowed cells: the
+// fraction kept, so a band of w kept keys among 2048 does not turn the whole thumbnail "kept". Cells that carry no value are NaN ("dropped": allowed but not kept); cells beyond
 // a row's last allowed column (j > p_i under the causal rule) are "outside" and drawn grey.
 #pragma once
 
@@ -29,7 +30,11 @@ struct MatrixView {
 // For queries under the causal rule this is p_i = i + (Lk - Lq) (docs/design.md §1.2).
 std::vector<int64_t> causal_limits(int64_t Lq, int64_t Lk, bool causal);
 
-enum class Reduce { max, max_abs };
+// max: the largest value; max_abs: the value of largest magnitude; mean: the mean of the finite
+// allowed values (for a 0/1 mask, the fraction of allowed cells kept).
+enum class Reduce { max, max_abs, mean };
+const char* reduce_label(Reduce r);  // "max", "max |.|", "mean"
+
 
 enum class CellState : uint8_t { value, dropped, outside };
 

@@ -36,6 +36,17 @@ std::string matrix_key(const InspectorState& st, ViewKind kind, int head) {
   return buf;
 }
 
+const BundleData* snapshot_data(const InspectorState& st) {
+  if (!st.snap) return nullptr;
+  const Params& p = st.snap->params;
+  if (p.source == Source::example) return st.example.get();
+  if (p.source != Source::bundle) return nullptr;
+  if (st.model && p.layer >= 0 && p.layer < static_cast<int>(st.model->layers.size()) &&
+      st.model->layers[p.layer].data)
+    return st.model->layers[p.layer].data.get();
+  return st.bundle.get();
+}
+
 const HeadMatrix& large_matrix(InspectorState& st, int hq) {
   const std::string key = matrix_key(st, st.view.kind, hq);
   if (key != st.large_key) {
@@ -193,7 +204,18 @@ void draw_inspector(InspectorState& st) {
     ImGui::TextWrapped("%s", st.snap->error.c_str());
     ImGui::PopStyleColor();
   }
-  if (st.snap && st.snap->views) {
+  if (st.model) {
+    ImGui::Checkbox("model view", &st.view.model_view);
+    help_marker("All layers x delta heads of the model at once, as thumbnails of the kept mask\n"
+                "stored in each layer's bundle (its evict). Click one to open that layer and head.");
+    if (!st.view.model_view && st.snap) {
+      ImGui::SameLine();
+      ImGui::TextDisabled("| layer %d of %d", st.snap->params.layer, static_cast<int>(st.model->layers.size()));
+    }
+  }
+  if (st.model && st.view.model_view) {
+    panel_model(st);
+  } else if (st.snap && st.snap->views) {
     panel_head_thumbnails(st);
     const float bars_h = 150.0f;
     panel_head_view(st, bars_h);

@@ -57,6 +57,9 @@ struct ViewState {
   int64_t zoom_rows = 0, zoom_cols = 0;
   std::optional<Window> pan_anchor;  // the window when the right-drag began
   std::vector<Rect> thumb_rects;  // where each head's thumbnail was drawn (tests, scripting)
+  // The model view (a model opened with --in): layers x delta heads, instead of the head view.
+  bool model_view = false;
+  std::vector<std::vector<Rect>> model_rects;  // [layer][delta head], as drawn (tests)
   int shown_head() const { return preview_head >= 0 ? preview_head : locked_head; }
 };
 
@@ -66,6 +69,7 @@ struct InspectorState {
   TextureUploader* textures = nullptr;
   std::shared_ptr<const BundleData> example;  // assets/example, if it could be read
   std::shared_ptr<const BundleData> bundle;   // --in DIR, if given and readable
+  std::shared_ptr<const Model> model;         // --in DIR holding layer_00/ ...: bundle is a layer
 
   // Read once at the start of each frame, so every panel draws the same data.
   std::shared_ptr<const Snapshot> snap;
@@ -91,6 +95,13 @@ struct InspectorState {
   std::optional<ImVec2> script_mouse;  // screen position of script_hover, from the last frame
   std::optional<Window> script_zoom;   // zoom the large view to this window once it is drawn
 };
+
+// The data the current snapshot was computed from (the example, the bundle or the model's layer),
+// null for random inputs or before the first snapshot.
+const BundleData* snapshot_data(const InspectorState& st);
+// Opens layer `layer` of the model: st.bundle and st.params follow (window, causal, form, a).
+// False (st.message says why) when the layer could not be read.
+bool select_layer(InspectorState& st, int layer);
 
 // Draws one frame of the whole inspector into the current ImGui context.
 void draw_inspector(InspectorState& st);

@@ -3,7 +3,8 @@
 // Everything the user sees is drawn by draw_inspector() (inspector.cpp and the panel_*.cpp).
 //
 //   dma_inspector                          the built-in example (assets/example)
-//   dma_inspector --in DIR                 a bundle in the dma_run layout
+//   dma_inspector --in DIR                 a bundle in the dma_run layout, or a model: a folder
+//                                          of bundles layer_00/ layer_01/ ... (--layer, --model-view)
 //   dma_inspector --random --lk 2048 ...   random inputs of any shape
 //   dma_inspector --frames 30 --screenshot shot.png   headless: render, save, exit 0
 //
@@ -92,7 +93,12 @@ int main(int argc, char** argv) {
   dv::Params cli;
   int window = 0;
   std::string form;
-  app.add_option("--in", in_dir, "Open a bundle folder (the dma_run layout)");
+  app.add_option("--in", in_dir, "Open a bundle folder (the dma_run layout), or a model folder of "
+                               "bundles layer_00/ layer_01/ ...");
+  int layer = 0;
+  bool model_view = false;
+  app.add_option("--layer", layer, "A model: the layer to open first")->check(CLI::NonNegativeNumber);
+  app.add_flag("--model-view", model_view, "A model: start in the model view (layers x heads)");
   app.add_flag("--random", random, "Start on random inputs (see the shape options)");
   app.add_option("--batch", cli.B, "Random inputs: batch size")->check(CLI::Range(1, 4));
   app.add_option("--lq", cli.Lq, "Random inputs: queries")->check(CLI::Range(1, 4096));
@@ -125,27 +131,46 @@ int main(int argc, char** argv) {
   if (assets_dir.empty()) assets_dir = default_assets_dir(argv[0]);
 
   // Data first: a bad --in is an error before any window appears.
-  std::shared_ptr<dv::BundleData> example, bundle;
+  std::shared_ptr<const dv::BundleData> example, bundle;
   try {
     example = dv::load_bundle_data(assets_dir + "/example", "built-in example");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dma_inspector: no built-in example (%s); starting on random inputs\n", e.what());
   }
+  std::shared_ptr<const dv::Model> model;
   if (!in_dir.empty()) {
     try {
-      bundle = dv::load_bundle_data(in_dir, "bundle " + in_dir);
+      model = dv::load_model(in_dir);
+      if (model) {  // a model: open the chosen layer (or the first readable one)
+        for (const dv::ModelLayer& l : model->layers)
+          if (!l.data) std::fprintf(stderr, "dma_inspector: %s: %s\n", l.name.c_str(), l.error.c_str());
+        if (layer >= static_cast<int>(model->layers.size()) || !model->layers[layer].data)
+          layer = model->first_readable();
+        if (layer < 0) {
+          std::fprintf(stderr, "dma_inspector: %s: no layer could be read\n", in_dir.c_str());
+          return 2;
+        }
+        bundle = model->layers[layer].data;
+      } else {
+        bundle = dv::load_bundle_data(in_dir, "bundle " + in_dir);
+      }
     } catch (const std::exception& e) {
       std::fprintf(stderr, "dma_inspector: %s\n", e.what());
       return 2;
     }
+    if (!bundle->labels.error.empty())
+      std::fprintf(stderr, "dma_inspector: %s\n", bundle->labels.error.c_str());
   }
 
   // The state the panels draw from, set up as the command line says.
   dv::InspectorState st;
   st.example = example;
   st.bundle = bundle;
+  st.model = model;
+  st.view.model_view = model && model_view;
   dv::Params& p = st.params;
   p = cli;
+  p.layer = model ? layer : 0;
   p.Hkv = std::min(p.Hkv, p.Hq);
   const dv::BundleData* data = bundle ? bundle.get() : (!random && example) ? example.get() : nullptr;
   p.source = bundle ? dv::Source::bundle : data ? dv::Source::example : dv::Source::random;
@@ -206,6 +231,7 @@ int main(int argc, char** argv) {
     // The worker wakes the UI (which sleeps in glfwWaitEvents when idle) when it has news.
     dv::Worker worker([] { glfwPostEmptyEvent(); });
     worker.set_data(example, bundle);
+    worker.set_model(model);
     st.worker = &worker;
     st.textures = &textures;
     worker.request(p);

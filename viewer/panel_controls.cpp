@@ -52,6 +52,22 @@ void section(const char* title, const char* help = nullptr) {
 
 }  // namespace
 
+bool select_layer(InspectorState& st, int layer) {
+  if (!st.model || layer < 0 || layer >= static_cast<int>(st.model->layers.size())) return false;
+  const ModelLayer& l = st.model->layers[layer];
+  if (!l.data) {
+    st.message = l.name + ": " + l.error;
+    return false;
+  }
+  st.bundle = l.data;
+  st.params.layer = layer;
+  if (st.params.source == Source::bundle) {
+    adopt(st.params, *l.data);
+    st.view.locked_head = std::clamp(st.view.locked_head, 0, static_cast<int>(l.data->shape.Hq) - 1);
+  }
+  return true;
+}
+
 void panel_controls(InspectorState& st) {
   Params& p = st.params;
   const float w = ImGui::GetContentRegionAvail().x * 0.55f;
@@ -81,12 +97,44 @@ void panel_controls(InspectorState& st) {
     if (p.source == Source::random) p.a = default_a(p.Hd());
     st.view.locked_head = 0;
   }
+  if (st.model) {  // a model: one bundle per layer
+    const auto& layers = st.model->layers;
+    const int cur = std::clamp(p.layer, 0, static_cast<int>(layers.size()) - 1);
+    if (ImGui::BeginCombo("layer", layers[cur].name.c_str())) {
+      for (int i = 0; i < static_cast<int>(layers.size()); ++i) {
+        ImGui::BeginDisabled(!layers[i].data);
+        const std::string item = layers[i].data ? layers[i].name : layers[i].name + " (unreadable)";
+        if (ImGui::Selectable(item.c_str(), i == cur) && i != cur) select_layer(st, i);
+        ImGui::EndDisabled();
+      }
+      ImGui::EndCombo();
+    }
+    help_marker("The model folder holds one bundle per layer (layer_00/, layer_01/, ...).\n"
+                "Choosing a layer opens its bundle; the model view shows them all.");
+    for (const ModelLayer& l : layers)
+      if (!l.data) {
+        ImGui::PushStyleColor(ImGuiCol_Text, IM_COL32(255, 110, 90, 255));
+        ImGui::TextWrapped("%s: %s", l.name.c_str(), l.error.c_str());
+        ImGui::PopStyleColor();
+      }
+  }
   const BundleData* data = p.source == Source::example ? st.example.get()
                          : p.source == Source::bundle  ? st.bundle.get()
                                                        : nullptr;
   if (data) {
     ImGui::TextDisabled("%s", data->dir.c_str());
     if (!data->notes.empty()) ImGui::TextWrapped("inferred: %s", data->notes.c_str());
+    if (!data->labels.tokens.empty() || !data->labels.roles.empty()) {
+      ImGui::PushStyleColor(ImGuiCol_Text, ImGui::GetStyleColorVec4(ImGuiCol_TextDisabled));
+      ImGui::TextWrapped("labels: %s%s", data->labels.tokens.empty() ? "" : "tokens.txt ",
+                         data->labels.roles.empty() ? "" : "roles.txt (key value query filler)");
+      ImGui::PopStyleColor();
+    }
+    if (!data->labels.error.empty()) {
+      ImGui::PushStyleColor(ImGuiCol_Text, IM_COL32(255, 110, 90, 255));
+      ImGui::TextWrapped("%s", data->labels.error.c_str());
+      ImGui::PopStyleColor();
+    }
   }
 
   // ---- shape ----

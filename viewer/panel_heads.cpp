@@ -33,11 +33,8 @@ void hatch(ImDrawList* dl, const Rect& r, float gap, ImU32 col) {
 
 void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) {
   const float bar_w = 14.0f;
-  if (m.binary) {  // two swatches, no gradient: there is nothing in between
-    dl->AddRectFilled(vec(x, y), vec(x + bar_w, y + h * 0.5f), to_imu32(viridis(1.0f)));
-    dl->AddRectFilled(vec(x, y + h * 0.5f), vec(x + bar_w, y + h), to_imu32(viridis(0.0f)));
-  }
-  const int steps = m.binary ? 0 : 48;
+  // The mask is 0/1 per cell, but a downsampled texel holds the fraction kept: a gradient too.
+  const int steps = 48;
   for (int i = 0; i < steps; ++i) {
     // Top is the high end.
     const float t0 = 1.0f - static_cast<float>(i) / steps, t1 = 1.0f - static_cast<float>(i + 1) / steps;
@@ -56,8 +53,9 @@ void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) 
     dl->AddText(vec(x + bar_w + 4, ly - 6), text, buf);
   };
   if (m.binary) {
-    dl->AddText(vec(x + bar_w + 4, y + h * 0.25f - 6), text, "kept");
-    dl->AddText(vec(x + bar_w + 4, y + h * 0.75f - 6), text, "dropped");
+    dl->AddText(vec(x + bar_w + 4, y), text, "kept");
+    dl->AddText(vec(x + bar_w + 4, y + h * 0.5f - 6), text, "50%");
+    dl->AddText(vec(x + bar_w + 4, y + h - 12), text, "dropped");
   } else {
     // A clipped range says so: the end colours stand for everything beyond.
     const bool sym = m.map == ColorMap::diverging;
@@ -75,6 +73,50 @@ void colour_bar(ImDrawList* dl, const HeadMatrix& m, float x, float y, float h) 
     dl->AddText(vec(x + 14, ly + 14), text, "dropped");
   }
 }
+
+// The role of the tokens at positions [p0, p1): key or value wins over query, query over filler,
+// so a pixel that holds a key-value pair among filler shows it.
+Role strongest_role(const std::vector<Role>& roles, int64_t p0, int64_t p1) {
+  Role best = Role::filler;
+  for (int64_t p = std::max<int64_t>(p0, 0); p < p1 && p < static_cast<int64_t>(roles.size()); ++p) {
+    const Role r = roles[static_cast<size_t>(p)];
+    if (r == Role::key || r == Role::value) return r;
+    if (r == Role::query) best = r;
+  }
+  return best;
+}
+
+// One strip per axis, a pixel per column (keys, under the image) and per row (queries, left).
+void role_strips(ImDrawList* dl, const std::vector<Role>& roles, const Shape& s, const Window& w,
+                 const Rect& img) {
+  const int cols = std::max(1, static_cast<int>(std::min<float>(img.w, static_cast<float>(w.cols()))));
+  for (int c = 0; c < cols; ++c) {
+    const int64_t j0 = w.c0 + w.cols() * c / cols, j1 = std::max(j0 + 1, w.c0 + w.cols() * (c + 1) / cols);
+    const float x0 = img.x + img.w * c / cols, x1 = img.x + img.w * (c + 1) / cols;
+    dl->AddRectFilled(vec(x0, img.y + img.h + 2), vec(std::max(x1, x0 + 1), img.y + img.h + 6),
+                      to_imu32(role_colour(strongest_role(roles, j0, j1))));
+  }
+  const int rows = std::max(1, static_cast<int>(std::min<float>(img.h, static_cast<float>(w.rows()))));
+  const int64_t shift = s.Lk - s.Lq;  // query i sits at token position i + Lk - Lq
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i0 = w.r0 + w.rows() * r / rows, i1 = std::max(i0 + 1, w.r0 + w.rows() * (r + 1) / rows);
+    const float y0 = img.y + img.h * r / rows, y1 = img.y + img.h * (r + 1) / rows;
+    dl->AddRectFilled(vec(img.x - 7, y0), vec(img.x - 3, std::max(y1, y0 + 1)),
+                      to_imu32(role_colour(strongest_role(roles, i0 + shift, i1 + shift))));
+  }
+}
+
+}  // namespace
+
+std::string cell_label(const HeadMatrix& m, const Cell& c, const Shape& s, const TokenLabels* labels) {
+  // Rows are queries (at token position i + Lk - Lq) or keys; columns keys or the head dim.
+  const int64_t row_pos = m.row_name == "query" ? c.row + (s.Lk - s.Lq) : c.row;
+  const bool col_tokens = m.col_name == "key";
+  return axis_label(m.row_name.c_str(), c.row, labels, row_pos) + ", " +
+         axis_label(m.col_name.c_str(), c.col, col_tokens ? labels : nullptr, c.col);
+}
+
+namespace {
 
 const char* tile_class_name(TileClass c) {
   switch (c) {
@@ -147,6 +189,18 @@ void panel_head_thumbnails(InspectorState& st) {
       ImGui::BeginTooltip();
       ImGui::Text("query head %d: kv head %lld, delta head %lld", hq, (long long)s.kv_head(hq),
                   (long long)s.delta_head(hq));
+      // What this head selects, over all its queries (the current result's mask).
+      const BundleData* data = snapshot_data(st);
+      const std::vector<Role>* roles =
+          data && static_cast<int64_t>(data->labels.roles.size()) == s.Lk ? &data->labels.roles : nullptr;
+      const SelectionStats ss = selection_stats(v.evict.data() + (st.view.batch * s.Hd + s.delta_head(hq)) * s.Lk,
+                                                s.Lq, s.Lk, v.opt.causal, roles);
+      ImGui::Text("kept (query, key) pairs: %s, mean distance query - key %.2f",
+                  format_count(ss.kept).c_str(), ss.mean_distance);
+      if (ss.has_roles)
+        ImGui::Text("kept keys: key %s, value %s, query %s, filler %s",
+                    format_percent(ss.share(Role::key)).c_str(), format_percent(ss.share(Role::value)).c_str(),
+                    format_percent(ss.share(Role::query)).c_str(), format_percent(ss.share(Role::filler)).c_str());
       ImGui::TextDisabled(locked ? "locked" : "click to lock");
       ImGui::EndTooltip();
     }
@@ -343,14 +397,24 @@ void panel_head_view(InspectorState& st, float bars_height) {
   }
   dl->PopClipRect();
   dl->AddRect(vec(img.x - 1, img.y - 1), vec(img.x + img.w + 1, img.y + img.h + 1), to_imu32(hue, 0.8f));
+  float strip_h = 0;  // roles.txt: the keys' roles under the image, the queries' on its left
+  if (is_key_view(m)) {
+    const BundleData* data = snapshot_data(st);
+    if (data && static_cast<int64_t>(data->labels.roles.size()) == s.Lk) {
+      role_strips(dl, data->labels.roles, s, w, img);
+      strip_h = 6;
+    }
+  }
   colour_bar(dl, m, img.x + img.w + 10, img.y, std::min(img.h, std::max(img.h - 40, 60.0f)));
 
   // Tooltip: everything known about the cell.
   if (cell && !vs.pan_anchor) {
     ImGui::BeginTooltip();
     const float value = m.values[cell->row * m.cols + cell->col];
-    ImGui::Text("%s %lld, %s %lld", m.row_name.c_str(), (long long)cell->row, m.col_name.c_str(),
-                (long long)cell->col);
+    const BundleData* data = snapshot_data(st);
+    const TokenLabels* labels = data && static_cast<int64_t>(data->labels.tokens.size()) == s.Lk
+                                    ? &data->labels : nullptr;
+    ImGui::TextUnformatted(cell_label(m, *cell, s, labels).c_str());
     if (std::isnan(value)) ImGui::TextUnformatted("value: - (not kept)");
     else ImGui::Text("value: %.6g", static_cast<double>(value));
     if (grid) {
@@ -384,7 +448,7 @@ void panel_head_view(InspectorState& st, float bars_height) {
   }
 
   // Under the image: what is shown (zoom, downsampling) and the gather line.
-  ImGui::SetCursorScreenPos(vec(area.x, img.y + img.h + 3));
+  ImGui::SetCursorScreenPos(vec(area.x, img.y + img.h + 3 + strip_h));
   char shown[160];
   if (zoomed)
     std::snprintf(shown, sizeof shown, "%s %lld-%lld, %s %lld-%lld of %lld x %lld", m.row_name.c_str(),
@@ -393,8 +457,9 @@ void panel_head_view(InspectorState& st, float bars_height) {
   else
     std::snprintf(shown, sizeof shown, "%lld x %lld", (long long)m.rows, (long long)m.cols);
   if (tex.factor_r > 1 || tex.factor_c > 1)
-    ImGui::TextDisabled("%s shown at %d x %d: max over %lld x %lld blocks", shown, tex.width,
-                        tex.height, (long long)tex.factor_r, (long long)tex.factor_c);
+    ImGui::TextDisabled("%s shown at %d x %d: %s over %lld x %lld blocks", shown, tex.width,
+                        tex.height, m.binary ? "fraction kept" : reduce_label(m.reduce),
+                        (long long)tex.factor_r, (long long)tex.factor_c);
   else
     ImGui::TextDisabled("%s, one texel per cell", shown);
   if (zoomed) {
@@ -403,7 +468,7 @@ void panel_head_view(InspectorState& st, float bars_height) {
   }
   if (!gather_line.empty()) ImGui::TextUnformatted(gather_line.c_str());
   // The bar plot follows right under the image (a wide matrix leaves the space below free).
-  ImGui::SetCursorScreenPos(vec(origin.x, img.y + img.h + 3 + 2 * line));
+  ImGui::SetCursorScreenPos(vec(origin.x, img.y + img.h + 3 + strip_h + 2 * line));
 }
 
 // ---- delta per key ---------------------------------------------------------------------------

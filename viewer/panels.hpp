@@ -4,6 +4,7 @@
 //   panel_heads.cpp     head thumbnails, the large view with overlays, the delta bar plot (centre)
 //   panel_timings.cpp   timings per phase and backend, counters, |CUDA - CPU| summary (right)
 //   panel_export.cpp    PNG at data resolution, window screenshot, CSV (right, below)
+//   panel_model.cpp     a model's layers x delta heads as mask thumbnails (centre, model view)
 //   inspector.cpp       the frame: layout, status bar, texture cache shared by the panels
 #pragma once
 
@@ -15,6 +16,7 @@
 namespace dma::viewer {
 
 void panel_controls(InspectorState& st);
+void panel_model(InspectorState& st);  // panel_model.cpp: layers x delta heads of a model
 void panel_head_thumbnails(InspectorState& st);
 void panel_head_view(InspectorState& st, float bars_height);
 void panel_delta_bars(InspectorState& st);
@@ -24,6 +26,10 @@ void panel_export(InspectorState& st);
 // What the export buttons do (st.message says what happened): files <prefix>_<view>_b<b>_h<h>.
 bool export_heatmap_png(InspectorState& st);
 bool export_matrix_csv(InspectorState& st);
+
+// The tooltip's first line for a cell of the large view: `query 180 "the", key 110 "cat"`, with
+// the tokens (and roles) of tokens.txt / roles.txt when labels is given (panel_heads.cpp).
+std::string cell_label(const HeadMatrix& m, const Cell& c, const Shape& s, const TokenLabels* labels);
 
 // What each backend is (panel_timings.cpp; the controls show it beside the backend checkboxes).
 const char* backend_help(BackendId b);

@@ -18,9 +18,9 @@ const char* backend_label(BackendId b) {
 
 bool Params::operator==(const Params& o) const {
   return std::tie(source, B, Lq, Lk, Hq, Hkv, D, hd_is_hq, window, causal, form, seed, a, Bq, Bk,
-                  run, bf16_inputs) ==
+                  run, bf16_inputs, layer) ==
          std::tie(o.source, o.B, o.Lq, o.Lk, o.Hq, o.Hkv, o.D, o.hd_is_hq, o.window, o.causal,
-                  o.form, o.seed, o.a, o.Bq, o.Bk, o.run, o.bf16_inputs);
+                  o.form, o.seed, o.a, o.Bq, o.Bk, o.run, o.bf16_inputs, o.layer);
 }
 
 std::vector<float> default_a(int Hd) {

@@ -31,6 +31,7 @@ struct Params {
   // Round q, k, v and do to bf16 before the CPU runs, as the CUDA kernels do: then |CUDA - CPU|
   // shows the kernels' own error, not the inputs' rounding (docs/design.md §5).
   bool bf16_inputs = false;
+  int layer = 0;  // the layer of a model (--in DIR holding layer_00/ layer_01/ ...), source bundle
 
   int Hd() const { return hd_is_hq ? Hq : Hkv; }
   bool operator==(const Params& o) const;

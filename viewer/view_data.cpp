@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "dma/mask_rule.hpp"
+
 namespace dma::viewer {
 
 const char* view_label(ViewKind v) {
@@ -29,7 +31,8 @@ const char* view_help(ViewKind v) {
     case ViewKind::mask:
       return "Kept (yellow) or dropped (purple): each query keeps the w allowed keys ranked\n"
              "highest by (delta, index). Because delta does not depend on the query, a key that\n"
-             "leaves the window never comes back: each column is one vertical run.";
+             "leaves the window never comes back: each column is one vertical run.\n"
+             "Downsampled, a texel is the fraction of its allowed cells that is kept.";
     case ViewKind::ds:
       return "ds[i,j] = p[i,j] (dp[i,j] - D_i), the gradient of the logits; exactly 0 where\n"
              "the key is dropped, which is why skipping is exact in the backward too.";
@@ -209,8 +212,31 @@ HeadMatrix head_matrix(const Views& v, const Comparison* cmp, ViewKind kind, Dif
     m.range = {0, 1};
     m.clipped = false;
     m.binary = true;
+    m.reduce = Reduce::mean;  // downsampled: the fraction of allowed cells kept, not "any kept"
   }
   if (kind == ViewKind::probs && !log_scale) m.range.lo = 0;
+  return m;
+}
+
+HeadMatrix mask_from_evict(const int64_t* evict_bh, const int64_t* last_allowed, int64_t Lq,
+                           int64_t Lk) {
+  HeadMatrix m;
+  m.rows = Lq;
+  m.cols = Lk;
+  m.row_name = "query";
+  m.col_name = "key";
+  m.title = view_label(ViewKind::mask);
+  m.last_allowed = last_allowed;
+  m.values.assign(static_cast<size_t>(Lq * Lk), kNaN);
+  for (int64_t i = 0; i < Lq; ++i) {
+    const int64_t p = std::min(last_allowed[i], Lk - 1);
+    for (int64_t j = 0; j <= p; ++j) m.values[i * Lk + j] = rule::is_kept(j, p, evict_bh[j]) ? 1.0f : 0.0f;
+  }
+  m.map = ColorMap::viridis;
+  m.reduce = Reduce::mean;
+  m.range = {0, 1};
+  m.binary = true;
+  m.valid = true;
   return m;
 }
 

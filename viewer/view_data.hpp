@@ -44,4 +44,10 @@ void view_dims(const Shape& s, ViewKind kind, DiffTensor diff, int64_t* rows, in
 HeadMatrix head_matrix(const Views& v, const Comparison* cmp, ViewKind kind, DiffTensor diff,
                        int64_t b, int64_t hq, bool log_scale);
 
+// The kept mask of one (batch, delta head) from its eviction positions alone (a stored evict):
+// 1 kept, 0 allowed but dropped; last_allowed (Lq entries) must outlive the matrix. Downsampled
+// by the mean, as the mask view.
+HeadMatrix mask_from_evict(const int64_t* evict_bh, const int64_t* last_allowed, int64_t Lq,
+                           int64_t Lk);
+
 }  // namespace dma::viewer

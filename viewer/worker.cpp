@@ -34,6 +34,11 @@ void Worker::set_data(std::shared_ptr<const BundleData> example,
   bundle_ = std::move(bundle);
 }
 
+void Worker::set_model(std::shared_ptr<const Model> model) {
+  std::lock_guard<std::mutex> lock(mu_);
+  model_ = std::move(model);
+}
+
 void Worker::request(const Params& p) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -109,6 +114,9 @@ void Worker::publish(std::shared_ptr<Snapshot> s) {
 
 std::shared_ptr<const BundleData> Worker::data_for(const Params& p) const {
   std::lock_guard<std::mutex> lock(mu_);
+  if (p.source == Source::bundle && model_ && p.layer >= 0 &&
+      p.layer < static_cast<int>(model_->layers.size()) && model_->layers[p.layer].data)
+    return model_->layers[p.layer].data;
   return p.source == Source::bundle ? bundle_ : p.source == Source::example ? example_ : nullptr;
 }
 

@@ -27,6 +27,7 @@
 
 #include "bundle_data.hpp"
 #include "jobs.hpp"
+#include "model.hpp"
 #include "params.hpp"
 
 namespace dma::viewer {
@@ -62,6 +63,8 @@ class Worker {
   Worker& operator=(const Worker&) = delete;
 
   void set_data(std::shared_ptr<const BundleData> example, std::shared_ptr<const BundleData> bundle);
+  // A model: source bundle then reads the bundle of layer Params::layer (when it is readable).
+  void set_model(std::shared_ptr<const Model> model);
   // Starts a job when p differs from the last request (cheap to call every frame).
   void request(const Params& p);
   void rerun_timings();      // one more timing pass on the current inputs
@@ -95,6 +98,7 @@ class Worker {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   std::shared_ptr<const BundleData> example_, bundle_;
+  std::shared_ptr<const Model> model_;
   Params requested_;
   bool has_request_ = false, rerun_ = false, stop_ = false, busy_ = false;
   std::atomic<bool> live_{false};
