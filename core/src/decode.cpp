@@ -37,15 +37,6 @@ void check_sequence_index(const DecodeConfig& c, int64_t b) {
     throw Error("decode: " + seq_name(b) + " does not exist (B = " + std::to_string(c.B) + ")");
 }
 
-// w_dt (Hd,Hkv*D) and a (Hd): sizes and finiteness (only needed when delta is computed).
-template <typename T>
-void check_weights(const DecodeConfig& c, const std::vector<T>& w_dt, const std::vector<T>& a) {
-  validate_numel(w_dt, c.Hd * c.Hkv * c.D, "w_dt");
-  validate_numel(a, c.Hd, "a");
-  validate_finite(w_dt, {c.Hd, c.Hkv * c.D}, "w_dt");
-  validate_finite(a, {c.Hd}, "a");
-}
-
 // The entry that ranks lowest among `cached` and `incoming`: by the order of docs/design.md §1.2
 // read backwards, smallest delta first and, on a tie, the oldest position. Returns its index in
 // `cached`, or cached.size() when it is the incoming token.
@@ -99,10 +90,7 @@ template <typename T>
 DecodeCache<T>::DecodeCache(const DecodeConfig& c) : config(c) {
   validate_shape(c.shape(1, 1), /*causal=*/true);
   validate_options(c.shape(1, 1), c.options());
-  const T scale = static_cast<T>(c.options().softmax_scale(c.shape(1, 1)));
-  if (!std::isfinite(scale) || !(scale > 0))
-    throw Error("scale: " + std::to_string(c.options().softmax_scale(c.shape(1, 1))) +
-                " is not representable in " + (sizeof(T) == 4 ? "float32" : "float64"));
+  validate_scale<T>(c.shape(1, 1), c.options());
   if (c.max_length < 0)
     throw Error("max_length: " + std::to_string(c.max_length) + " (must be >= 0; 0 means no limit)");
   length.assign(c.B, 0);
@@ -147,7 +135,7 @@ PrefillResult<T> prefill(DecodeCache<T>& cache, int64_t b, const Prompt<T>& prom
   if (!prompt.delta.empty()) validate_numel(prompt.delta, s.delta_numel(), "delta");
   PrefillResult<T> r;
   if (P == 0) return r;  // nothing to keep: decoding starts at position 0
-  if (prompt.delta.empty()) check_weights(c, w_dt, a);
+  if (prompt.delta.empty()) validate_dynamic_weight_params(s, w_dt, a);  // w_dt, a only when used
 
   // 1. delta and e_j over the prompt's keys (and, with q, the prompt's own forward)
   if (!prompt.q.empty()) {
@@ -203,7 +191,7 @@ DecodeOutput<T> step(DecodeCache<T>& cache, const DecodeTokens<T>& tokens,
     throw Error("active: has " + std::to_string(tokens.active.size()) + " elements, expected " +
                 std::to_string(c.B));
   if (!tokens.delta.empty()) validate_numel(tokens.delta, c.B * c.Hd, "delta");
-  else check_weights(c, w_dt, a);
+  else validate_dynamic_weight_params(c.shape(1, 1), w_dt, a);
   auto steps = [&](int64_t b) { return tokens.active.empty() || tokens.active[b] != 0; };
 
   // 1. checks that need no arithmetic, for every active sequence, before anything changes

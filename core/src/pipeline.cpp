@@ -16,10 +16,7 @@ void validate_problem(const Problem<T>& p) {
   const Shape& s = p.shape;
   validate_shape(s, p.opt.causal);
   validate_options(s, p.opt);
-  const T scale = static_cast<T>(p.opt.softmax_scale(s));
-  if (!std::isfinite(scale) || !(scale > 0))
-    throw Error("scale: " + std::to_string(p.opt.softmax_scale(s)) + " is not representable in " +
-                (sizeof(T) == 4 ? "float32" : "float64"));
+  validate_scale<T>(s, p.opt);
   const std::vector<int64_t> q_dims{s.B, s.Hq, s.Lq, s.D}, kv_dims{s.B, s.Hkv, s.Lk, s.D};
   validate_numel(p.q, s.q_numel(), "q");
   validate_numel(p.k, s.kv_numel(), "k");
@@ -31,10 +28,7 @@ void validate_problem(const Problem<T>& p) {
     validate_numel(p.delta, s.delta_numel(), "delta");
     validate_finite(p.delta, {s.B, s.Hd, s.Lk}, "delta");
   } else {
-    validate_numel(p.w_dt, s.w_dt_numel(), "w_dt");
-    validate_numel(p.a, s.Hd, "a");
-    validate_finite(p.w_dt, {s.Hd, s.Hkv * s.D}, "w_dt");
-    validate_finite(p.a, {s.Hd}, "a");
+    validate_dynamic_weight_params(s, p.w_dt, p.a);
   }
   if (p.has_backward()) {
     validate_numel(p.dout, s.q_numel(), "do");

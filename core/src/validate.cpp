@@ -41,6 +41,23 @@ void validate_options(const Shape&, const Options& opt) {
 }
 
 template <typename T>
+void validate_scale(const Shape& s, const Options& opt) {
+  const T scale = static_cast<T>(opt.softmax_scale(s));
+  if (!std::isfinite(scale) || !(scale > 0))
+    throw Error("scale: " + std::to_string(opt.softmax_scale(s)) + " is not representable in " +
+                (sizeof(T) == 4 ? "float32" : "float64"));
+}
+
+template <typename T>
+void validate_dynamic_weight_params(const Shape& s, const std::vector<T>& w_dt,
+                                    const std::vector<T>& a) {
+  validate_numel(w_dt, s.w_dt_numel(), "w_dt");
+  validate_numel(a, s.Hd, "a");
+  validate_finite(w_dt, {s.Hd, s.Hkv * s.D}, "w_dt");
+  validate_finite(a, {s.Hd}, "a");
+}
+
+template <typename T>
 void validate_numel(const std::vector<T>& t, int64_t expected, const std::string& name) {
   if (static_cast<int64_t>(t.size()) != expected)
     throw Error(name + ": has " + std::to_string(t.size()) + " elements, expected " +
@@ -71,5 +88,11 @@ template void validate_finite(const std::vector<float>&, const std::vector<int64
                               const std::string&);
 template void validate_finite(const std::vector<double>&, const std::vector<int64_t>&,
                               const std::string&);
+template void validate_scale<float>(const Shape&, const Options&);
+template void validate_scale<double>(const Shape&, const Options&);
+template void validate_dynamic_weight_params(const Shape&, const std::vector<float>&,
+                                             const std::vector<float>&);
+template void validate_dynamic_weight_params(const Shape&, const std::vector<double>&,
+                                             const std::vector<double>&);
 
 }  // namespace dma

@@ -13,6 +13,13 @@ namespace dma {
 void validate_shape(const Shape& s, bool causal);
 // Options: window >= 1, scale finite (0 = default).
 void validate_options(const Shape& s, const Options& opt);
+// The softmax scale opt gives for s is a positive number representable in T (float32 or float64).
+template <typename T>
+void validate_scale(const Shape& s, const Options& opt);
+// The parameters of the dynamic weights: w_dt (Hd, Hkv*D) and a (Hd), sizes and finiteness.
+template <typename T>
+void validate_dynamic_weight_params(const Shape& s, const std::vector<T>& w_dt,
+                                    const std::vector<T>& a);
 // A tensor has the numel its shape says.
 template <typename T>
 void validate_numel(const std::vector<T>& t, int64_t expected, const std::string& name);
