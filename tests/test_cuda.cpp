@@ -34,7 +34,10 @@ struct Case {
   Form form = Form::exp;
   Precision prec = Precision::bf16;
   bool backward = true;
-  bool delta_given = false;  // given delta, quantized to a few values (heavy ties)
+  bool delta_given = false;  // given delta: quantized to a few values (heavy ties), or ...
+  int order = 0;             // ... 1: increasing with position (a sliding window of the w most
+                             // recent keys, every tile at the bound w + Bq), -1: decreasing
+                             // (the first w keys are kept by every query, the others by none)
   std::string name() const {
     char buf[256];
     std::snprintf(buf, sizeof buf,
@@ -42,7 +45,9 @@ struct Case {
                   (long long)B, (long long)Hq, (long long)Hkv, (long long)Hd, (long long)Lq,
                   (long long)Lk, (long long)D, (long long)w, causal ? "causal" : "non-causal",
                   dma::form_name(form), prec == Precision::bf16 ? "bf16" : "fp16",
-                  delta_given ? " given-delta(ties)" : "");
+                  delta_given ? (order > 0 ? " given-delta(increasing)"
+                                 : order < 0 ? " given-delta(decreasing)" : " given-delta(ties)")
+                              : "");
     return buf;
   }
 };
@@ -89,6 +94,9 @@ dma::Problem<float> make_problem(const Case& c, std::mt19937_64& rng) {
     std::uniform_int_distribution<int> level(0, 2);
     p.delta.resize(static_cast<size_t>(s.delta_numel()));
     for (auto& d : p.delta) d = 0.5f * static_cast<float>(level(rng));
+    if (c.order != 0)
+      for (size_t n = 0; n < p.delta.size(); ++n)
+        p.delta[n] = c.order * 1e-3f * static_cast<float>(n % static_cast<size_t>(s.Lk));
   } else {
     p.w_dt = normal(rng, s.w_dt_numel(), 1.0 / std::sqrt(double(s.Hkv * s.D)));
     std::uniform_real_distribution<float> ua(-1.0f, 1.0f);
@@ -295,6 +303,11 @@ TEST_SUITE("cuda") {
         {1, 2, 1, 1, 300, 500, 128, 64, false},                            // non-causal, tiles
         {1, 2, 1, 1, 600, 300, 64, 50, false},                             // non-causal, Lq > Lk
         {1, 8, 2, 2, 400, 400, 64, 128},                                   // GQA groups of 4
+        // the candidate tables at their bounds: w + Bq candidates per tile, and w + Bq >= Lk
+        {1, 2, 1, 1, 900, 900, 128, 200, true, Form::exp, Precision::bf16, true, true, 1},
+        {1, 2, 1, 1, 900, 900, 64, 200, true, Form::exp, Precision::bf16, true, true, -1},
+        {1, 4, 2, 4, 600, 700, 128, 640},                                  // Hd = Hq, S = Lk
+        {1, 2, 2, 2, 1000, 1000, 64, 999, false},                          // non-causal, w = Lk-1
     };
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }

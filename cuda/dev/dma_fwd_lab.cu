@@ -26,7 +26,12 @@
 //   v1       one thread per query row, fp32 on CUDA cores, bf16   18.96 ms, 3.6 TFLOP/s
 //            loads from global memory
 //   v2       production (cuda/src/forward.cu): gathered candidate  0.682 ms, 99 TFLOP/s (27.8x v1)
-//            tiles, mma.sync tensor cores, cp.async double buffer
+//            tiles, mma.sync tensor cores, cp.async double buffer;
+//            the tile's candidates found by scanning evict
+//   v2 now   the same kernel reading the candidate lists the      0.448 ms, 151 TFLOP/s (42x v1)
+//            mask phase writes (cuda/src/candidates.cu): no scan  (2026-12-01, same command)
+// The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
+// tables); v2 runs whatever cuda/src/forward.cu is.
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, o (B,Hq,Lq,D); k, v (B,Hkv,Lk,D); delta, evict (B,Hd,Lk);
@@ -239,17 +244,19 @@ void forward_v1(const DeviceProblem& dp) {
 }
 
 // ==== v2: the production kernel ===============================================================
-// dma::cuda::attention_forward (cuda/src/forward.cu, cuda/src/gather.cuh). What it adds to v1:
+// dma::cuda::attention_forward (cuda/src/forward.cu, cuda/src/tables.cuh). What it adds to v1:
 //   - query tiles: one block of 8 warps = 128 queries of one (b, hq), 16 rows per warp;
-//   - the tile's candidate keys {j <= p_last : e_j >= max(j, p_first)}, at most w + Bq of them
-//     (docs/design.md §2.4), compacted into a ring in shared memory by a block-wide scan that
-//     skips chunks of 128 keys by their largest e_j; the rows of K and V gathered 64 at a time;
+//   - the tile's candidate keys {j <= p_last : e_j >= max(j, p_first)}, at most w + Bq - 1 of
+//     them (docs/design.md §2.4), read from the list the mask phase wrote (§2.8), the keys every
+//     query keeps first; the rows of K and V gathered 64 at a time;
 //   - cp.async double buffering: the next gathered tile is copied while this one is computed;
 //   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate),
 //     Q in registers, ldmatrix from padded shared rows;
-//   - the mask j <= p_i <= e_j in registers, tiles kept whole for a warp's 16 rows skip the test;
+//   - the mask j <= p_i <= e_j in registers; the head of the list, and tiles kept whole for a
+//     warp's 16 rows, skip the test;
 //   - the online softmax in base 2 (exp2 on the special-function unit), one rescale per tile.
-// H200, L=16384 w=512 Hq=16 Hkv=8 D=128: 0.682 ms, 99 TFLOP/s on the kept pairs (27.8x v1)
+// H200, L=16384 w=512 Hq=16 Hkv=8 D=128: 0.448 ms, 151 TFLOP/s on the kept pairs (42x v1;
+// 0.682 ms while it scanned evict)
 
 void forward_v2(const DeviceProblem& dp) {
   dma::cuda::attention_forward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
@@ -265,7 +272,7 @@ struct Version {
 };
 const Version kVersions[] = {
     {"one thread per query row, fp32 on CUDA cores, bf16 loads from global memory", forward_v1},
-    {"production: gathered candidate tiles, mma.sync, cp.async double buffering", forward_v2},
+    {"production: candidate lists, gathered tiles, mma.sync, cp.async double buffering", forward_v2},
 };
 constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
 

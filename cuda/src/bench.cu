@@ -9,7 +9,7 @@
 #include "device_memory.hpp"
 #include "dma/cuda_bench.hpp"
 #include "dma/mask_rule.hpp"
-#include "gather.cuh"
+#include "tables.cuh"
 
 namespace dma::cuda {
 
@@ -123,7 +123,7 @@ BenchResult bench_pipeline(const Shape& s, const Options& opt, const BenchOption
   for (const DeviceBuffer* b : std::initializer_list<const DeviceBuffer*>{&q, &k, &v, &dout, &w_dt, &a, &delta, &mask_state, &status, &o,
         &lse, &workspace, &dq, &dk, &dv, &ddelta, &dw_dt, &da})
     res.peak_bytes += (double)b->bytes();
-  res.tile_q = 16 * detail::block_warps();
+  res.tile_q = detail::kTileQ;
   res.tile_k = detail::kBk;
 
   void* ws = workspace.as<void>();

@@ -57,7 +57,7 @@ AttnArgs attn_args(const Dims& d, const void* q, const void* k, const void* v, c
   x.v = v;
   x.delta = delta;
   x.evict = at<const int>(mask_state, m.evict);
-  x.chunk_max = at<const int>(mask_state, m.chunk_max);
+  x.tables = tables_in(d, const_cast<void*>(mask_state));
   return x;
 }
 
@@ -68,6 +68,17 @@ void check_config(const Config& c) { make_dims(c); }
 size_t mask_state_bytes(const Config& c) { return mask_state_layout(make_dims(c)).bytes; }
 
 size_t workspace_bytes(const Config& c) { return workspace_layout(make_dims(c)).bytes; }
+
+CandidateTables candidate_tables_of(const Config& c, const void* mask_state) {
+  const Dims d = make_dims(c);
+  const Tables t = tables_in(d, const_cast<void*>(mask_state));
+  CandidateTables out;
+  out.tile_queries = kTileQ;
+  out.tiles = table_tiles(d);
+  out.stride = tables_implicit(d) ? d.Lk : table_stride(d);
+  out.slot_key = t.slot_key, out.list = t.list, out.n_alive = t.n_alive, out.n_full = t.n_full;
+  return out;
+}
 
 void reset_status(int64_t* status, Stream stream) {
   require(status, "status");
@@ -113,9 +124,11 @@ void build_mask(const Config& c, const float* delta, void* mask_state, void* wor
   require_workspace(d, workspace, workspace_size);
   const MaskStateLayout m = mask_state_layout(d);
   const WorkspaceLayout w = workspace_layout(d);
-  launch_mask(d, delta, at<int>(mask_state, m.evict), at<int>(mask_state, m.chunk_max),
+  launch_mask(d, delta, at<int>(mask_state, m.evict),
               w.sorts ? at<uint64_t>(workspace, w.keys) : nullptr,
               w.sorts ? at<uint64_t>(workspace, w.sorted) : nullptr, as_stream(stream));
+  launch_candidates(d, at<int>(mask_state, m.evict), tables_in(d, mask_state),
+                    at<int>(workspace, w.sweep), as_stream(stream));
 }
 
 void attention_forward(const Config& c, const void* q, const void* k, const void* v,
@@ -141,11 +154,20 @@ void attention_backward(const Config& c, const void* q, const void* k, const voi
   require_workspace(d, workspace, workspace_size);
   const WorkspaceLayout w = workspace_layout(d);
   const cudaStream_t st = as_stream(stream);
+  // Keys no query keeps are never visited by the kernels: their gradients are zero.
   const size_t kv_bytes = (size_t)d.B * d.Hkv * d.Lk * d.D * sizeof(float);
-  DMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, kv_bytes, st));  // the kernel accumulates into these
-  DMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, kv_bytes, st));
-  DMA_CUDA_CHECK(cudaMemsetAsync(ddelta, 0, (size_t)d.B * d.Hd * d.Lk * sizeof(float), st));
+  const size_t part_bytes = (size_t)d.B * d.Hd * d.Lk * d.D * sizeof(float);
   AttnArgs x = attn_args(d, q, k, v, delta, mask_state);
+  if (backward_partials(d)) {  // dk, dv are then written whole by the reduction
+    x.dk_part = at<float>(workspace, w.dk_part);
+    x.dv_part = at<float>(workspace, w.dv_part);
+    DMA_CUDA_CHECK(cudaMemsetAsync(x.dk_part, 0, part_bytes, st));
+    DMA_CUDA_CHECK(cudaMemsetAsync(x.dv_part, 0, part_bytes, st));
+  } else {
+    DMA_CUDA_CHECK(cudaMemsetAsync(dk, 0, kv_bytes, st));
+    DMA_CUDA_CHECK(cudaMemsetAsync(dv, 0, kv_bytes, st));
+  }
+  DMA_CUDA_CHECK(cudaMemsetAsync(ddelta, 0, (size_t)d.B * d.Hd * d.Lk * sizeof(float), st));
   x.o = const_cast<float*>(o);  // read only in the backward
   x.lse = const_cast<float*>(lse);
   x.dout = dout;
@@ -172,7 +194,8 @@ void dynamic_weights_backward(const Config& c, const void* v, const float* w_dt,
   float* delta = at<float>(workspace, w.delta2);
   launch_dynamic_weights(d, c.opt.form, v, w_dt, a, z, delta, st);
   launch_dynamic_weights_backward(d, c.opt.form, v, w_dt, a, z, delta, ddelta,
-                                  at<float>(workspace, w.dz), da, dw_dt, dv, st);
+                                  at<float>(workspace, w.dz), da, dw_dt, dv,
+                                  at<float>(workspace, w.dw_partials), st);
 }
 
 void forward(const Config& c, const ForwardBuffers& f, void* workspace, size_t workspace_size,

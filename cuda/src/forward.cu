@@ -1,37 +1,38 @@
-// DMA forward: o = softmax(scale * q k^T + delta, masked) v and lse, with the element mask
-// j <= p_i <= e_j evaluated in registers on the gathered candidate keys of each query tile.
+// DMA forward: o = softmax(scale * q k^T + delta, masked) v and lse, on the candidate keys of
+// each query tile (the list of the candidate tables, tables.cuh), with the element mask
+// j <= p_i <= e_j evaluated in registers where the list says it is needed.
 //
-// One block = one query tile of Bq = 16 * kWarps queries of one (b, query head), 16 per warp.
-// Per tile of kBk = 64 gathered keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
+// One block = one query tile of kTileQ = 128 queries of one (b, query head), 16 per warp.
+// Per tile of kBk = 64 listed keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
 //   S   = Q K_j^T                    mma.sync m16n8k16, fp32 accumulators   (16 x 64 per warp)
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept (in registers)
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P;  O = 2^(m-m') O + P V_j
-// and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows (gather.cuh),
-// loaded with cp.async into two buffers: tile t+1 is copied while tile t is computed.
-#include <cstdlib>
-
-#include "gather.cuh"
+// and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows, loaded with
+// cp.async into two buffers: tile t+1 is copied while tile t is computed. The first n_full keys
+// of the list are kept by every query of the tile, so their tiles skip the element test.
+#include "tables.cuh"
 #include "kernels.hpp"
 
 namespace dma::cuda::detail {
 namespace {
 
-template <int D, int kWarps>
+constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;
+
+template <int D>
 constexpr size_t forward_smem_bytes() {
-  return sizeof(uint16_t) * (Tiles<kWarps>::kBq + 4 * kBk) * (D + 8) + sizeof(CandidateRing<kWarps>);
+  return sizeof(uint16_t) * (kTileQ + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile);
 }
 
-template <typename T, int D, int kWarps>
-__global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   constexpr int kStride = D + 8;  // +16 bytes per row: ldmatrix rows land in distinct banks
-  constexpr int kBq = Tiles<kWarps>::kBq, kRing = Tiles<kWarps>::kRing;
+  constexpr int kBq = kTileQ;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* Ks = Qs + kBq * kStride;          // 2 x [kBk][D+8]  gathered K_j (double buffer)
   T* Vs = Ks + 2 * kBk * kStride;      // 2 x [kBk][D+8]  gathered V_j
   constexpr int kBuf = kBk * kStride;  // elements per buffer
-  CandidateRing<kWarps>& ring =
-      *reinterpret_cast<CandidateRing<kWarps>*>(Vs + 2 * kBuf);
+  KeyTile* kts = reinterpret_cast<KeyTile*>(Vs + 2 * kBuf);  // 2 x: keys, e_j, delta_j of K_j
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
@@ -47,20 +48,16 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   const T* v_bh = static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
   const int bhd = b * d.Hd + hd;
   const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
-  const int* chunk_max_bh = a.chunk_max + (size_t)bhd * d.n_chunks();
   const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
+  const TableView tv(d, a.tables, bhd);
+  const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
 
-  // 1. Q_i and the first K_j, V_j. Tiles are double-buffered: while tile t is computed from
-  //    buffer t%2, the copies of tile t+1 fill the other buffer.
-  load_rows<T, D, kWarps>(Qs, q_bh, i0, d.Lq);
-  cp_async_commit();
-  Scan sc;
-  ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-  int nt = min(kBk, sc.n), tile_head = sc.head;  // the tile in hand: ring[tile_head, +nt)
-  sc.head = (sc.head + nt) & (kRing - 1);
-  sc.n -= nt;
-  gather_rows<T, D, kWarps>(Ks, k_bh, ring, tile_head, nt);
-  gather_rows<T, D, kWarps>(Vs, v_bh, ring, tile_head, nt);
+  // 1. Q_i and the first K_j, V_j. Tiles are double-buffered: while tile c is computed from
+  //    buffer c%2, the copies of tile c+1 fill the other buffer.
+  load_rows<T, D, kBq, kThreads>(Qs, q_bh, i0, d.Lq);
+  load_key_tile(kts[0], tv, q_tile, 0, n_alive, evict_bh, delta_bh);
+  gather_rows<T, D, kThreads>(Ks, k_bh, tv, q_tile, 0, n_alive);
+  gather_rows<T, D, kThreads>(Vs, v_bh, tv, q_tile, 0, n_alive);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();  // Q_i, K_0 and V_0 are in shared memory for every warp
@@ -81,18 +78,19 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
-  for (int buf = 0;; buf ^= 1) {
-    // Next tile: scan for its candidates (the scan's closing barrier also means every warp is
-    // done with tile t-1, whose buffers are refilled now), then start its copies.
-    ensure_candidates(sc, ring, kBk, p_first, p_last, evict_bh, chunk_max_bh, delta_bh);
-    const int next_nt = min(kBk, sc.n), next_head = sc.head;
-    if (next_nt > 0) {
-      gather_rows<T, D, kWarps>(Ks + (buf ^ 1) * kBuf, k_bh, ring, next_head, next_nt);
-      gather_rows<T, D, kWarps>(Vs + (buf ^ 1) * kBuf, v_bh, ring, next_head, next_nt);
+  for (int r0 = 0, buf = 0; r0 < n_alive; r0 += kBk, buf ^= 1) {
+    // Next tile: its copies go to the other buffers, which tile c-1 used: the barrier at the end
+    // of the previous iteration means every warp is done with it.
+    const int nt = min(kBk, n_alive - r0), r_next = r0 + kBk;
+    if (r_next < n_alive) {
+      load_key_tile(kts[buf ^ 1], tv, q_tile, r_next, n_alive, evict_bh, delta_bh);
+      gather_rows<T, D, kThreads>(Ks + (buf ^ 1) * kBuf, k_bh, tv, q_tile, r_next, n_alive);
+      gather_rows<T, D, kThreads>(Vs + (buf ^ 1) * kBuf, v_bh, tv, q_tile, r_next, n_alive);
     }
     cp_async_commit();   // (an empty group when there is no next tile)
-    cp_async_wait<1>();  // tile t has landed (tile t+1 may still be in flight)
+    cp_async_wait<1>();  // tile c has landed (tile c+1 may still be in flight)
     __syncthreads();     // ... for every thread's copies
+    const KeyTile& kt = kts[buf];
 
     // 2. S = Q K_j^T (16 x 64 per warp).
     float s[kBk / 8][4];
@@ -110,17 +108,15 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       }
     }
 
-    // 3. Mask in registers and online softmax (base 2). Most tiles of dense or local masks are
-    //    kept whole for this warp's 16 rows (every key j <= the first row's position and every
-    //    e_j >= the last row's): those skip the per-element test.
+    // 3. Mask in registers and online softmax (base 2). Tiles from the head of the list (kept by
+    //    every query of the tile), and tiles every key of which this warp's 16 rows keep, skip
+    //    the per-element test.
     float row_max[2] = {-INFINITY, -INFINITY};
-    if (tile_fully_kept(ring, tile_head, nt, warp_p_first, warp_p_last)) {
+    if (r0 + kBk <= n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
       for (int n = 0; n < kBk / 8; ++n) {
-        // columns 2*t4, 2*t4+1 are adjacent ring slots (tile_head is even: tiles start at
-        // multiples of kBk), so one 8-byte load brings both deltas
-        const float2 d2 = *reinterpret_cast<const float2*>(
-            &ring.delta2[(tile_head + n * 8 + t4 * 2) & (kRing - 1)]);
+        // columns 2*t4, 2*t4+1 are adjacent: one 8-byte load brings both deltas
+        const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
           s[n][2 * r] = fmaf(s[n][2 * r], scale2, d2.x);
@@ -133,9 +129,9 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
       for (int n = 0; n < kBk / 8; ++n) {
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + t4 * 2 + e, slot = (tile_head + col) & (kRing - 1);
-          const int j = ring.key[slot], ej = ring.evict[slot];
-          const float d2 = ring.delta2[slot];
+          const int col = n * 8 + t4 * 2 + e;
+          const int j = kt.key[col], ej = kt.evict[col];
+          const float d2 = kt.delta2[col];
           const bool valid = col < nt;
           #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -192,13 +188,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
         mma_16816<T>(o_acc[2 * dp + 1], pf[kk], vb[2], vb[3]);
       }
     }
-    if (next_nt == 0) break;
-    // (Scan steps write the ring only after their first barrier, when every warp is done with
-    // the tile before; live entries never exceed the ring: see Tiles::kRing.)
-    tile_head = next_head;
-    nt = next_nt;
-    sc.head = (sc.head + nt) & (kRing - 1);
-    sc.n -= nt;
+    __syncthreads();  // every warp is done with this tile's buffers before they are refilled
   }
 
   // 5. o = O / l, lse = ln2 * (m + log2 l). Every query keeps >= 1 key, so l > 0 for real rows.
@@ -220,31 +210,17 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(Dims d, AttnArgs a
   }
 }
 
-template <typename T, int D, int kWarps>
-void launch_warps(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  constexpr size_t smem = forward_smem_bytes<D, kWarps>();
-  constexpr int kBq = Tiles<kWarps>::kBq;
-  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D, kWarps>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid((d.Lq + kBq - 1) / kBq, d.Hq, d.B);
-  forward_kernel<T, D, kWarps><<<grid, 32 * kWarps, smem, st>>>(d, a);
-  DMA_CUDA_CHECK_LAUNCH(forward_kernel);
-}
 template <typename T, int D>
 void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  if (block_warps() == 8) launch_warps<T, D, 8>(d, a, st);
-  else launch_warps<T, D, 4>(d, a, st);
+  constexpr size_t smem = forward_smem_bytes<D>();
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid(table_tiles(d), d.Hq, d.B);
+  forward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  DMA_CUDA_CHECK_LAUNCH(forward_kernel);
 }
 
 }  // namespace
-
-int block_warps() {
-  static const int warps = [] {
-    const char* env = std::getenv("DMA_CUDA_WARPS");
-    return env && std::atoi(env) == 8 ? 8 : (env && std::atoi(env) == 4 ? 4 : kDefaultWarps);
-  }();
-  return warps;
-}
 
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {

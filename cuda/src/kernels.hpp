@@ -3,6 +3,7 @@
 // says, and dispatch() in common.cuh turns (precision, head dim) into template arguments.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -18,41 +19,63 @@ struct Dims {
   bool causal;
   float scale;  // softmax scale
   Precision precision;  // element type of q, k, v, do
-  __host__ __device__ int n_chunks() const { return (Lk + 127) / 128; }
 };
 
 // dynamic_weights.cu -----------------------------------------------------------------------
 // v (B,Hkv,Lk,D) elem, w_dt (Hd,Hkv*D) f32, a (Hd) f32 -> z, delta (B,Hd,Lk) f32.
 void launch_dynamic_weights(const Dims& d, Form form, const void* v, const float* w_dt,
                             const float* a, float* z, float* delta, cudaStream_t st);
-// g = ddelta (B,Hd,Lk) -> da (Hd), dw_dt (Hd,Hkv*D) (both zeroed here) and dv (B,Hkv,Lk,D) +=
-// the gradient through delta. dz (B,Hd,Lk) is scratch.
+// g = ddelta (B,Hd,Lk), with z and delta as launch_dynamic_weights left them -> da (Hd) and
+// dw_dt (Hd,Hkv*D) (overwritten) and dv (B,Hkv,Lk,D) += the gradient through delta. No atomics:
+// bitwise the same on every run (the summation order depends on the shape only). dz is unused
+// (may be null). partials: scratch of dynamic_weights_backward_partials(d) floats.
+size_t dynamic_weights_backward_partials(const Dims& d);
 void launch_dynamic_weights_backward(const Dims& d, Form form, const void* v, const float* w_dt,
                                      const float* a, const float* z,
                                      const float* delta, const float* ddelta, float* dz, float* da,
-                                     float* dw_dt, float* dv, cudaStream_t st);
+                                     float* dw_dt, float* dv, float* partials, cudaStream_t st);
 
 // mask.cu ----------------------------------------------------------------------------------
-// delta (B,Hd,Lk) -> evict (B,Hd,Lk) int32 and chunk_max (B,Hd,n_chunks): per chunk of 128 keys
-// the largest e_j among its keys that are kept by some position (e_j >= j), else -1.
-// Scratch: keys (B*Hd*Lk) and sorted (B*Hd*n_chunks*128) 64-bit.
-void launch_mask(const Dims& d, const float* delta, int* evict, int* chunk_max, uint64_t* keys,
-                 uint64_t* sorted, cudaStream_t st);
+// delta (B,Hd,Lk) -> evict (B,Hd,Lk) int32, e_j of docs/design.md §2.
+// Scratch: keys (B*Hd*Lk) and sorted (B*Hd*(n_big*1024 + n_small*128)) 64-bit; none when w >= Lk.
+void launch_mask(const Dims& d, const float* delta, int* evict, uint64_t* keys, uint64_t* sorted,
+                 cudaStream_t st);
+
+// candidates.cu -----------------------------------------------------------------------------
+// The candidate tables of core/include/dma/candidates.hpp, per (b, delta head), for query tiles
+// of kTileQ queries (the forward's block): slot_key and list [T][S] int32, n_alive and n_full [T].
+// When w >= Lk they are implicit (every key kept: slot s holds key s, the list is 0, 1, 2, ...)
+// and take no memory.
+constexpr int kTileQ = 128;
+struct Tables {
+  int *slot_key, *list, *n_alive, *n_full;
+};
+__host__ __device__ inline bool tables_implicit(const Dims& d) { return d.window >= d.Lk; }
+__host__ __device__ inline int table_tiles(const Dims& d) { return (d.Lq + kTileQ - 1) / kTileQ; }
+__host__ __device__ inline int table_stride(const Dims& d) { return d.window + kTileQ < d.Lk ? d.window + kTileQ : d.Lk; }
+// Scratch of the slot sweep when its state does not fit in shared memory (candidate_scratch_ints).
+size_t candidate_scratch_ints(const Dims& d);
+void launch_candidates(const Dims& d, const int* evict, const Tables& t, int* scratch,
+                       cudaStream_t st);
 
 // forward.cu -------------------------------------------------------------------------------
 struct AttnArgs {
   const void *q, *k, *v;        // (B,Hq,Lq,D), (B,Hkv,Lk,D) x2, elem
   const float* delta;           // (B,Hd,Lk)
-  const int *evict, *chunk_max;
+  const int* evict;             // (B,Hd,Lk)
+  Tables tables;                // candidate tables (candidates.cu)
   float *o, *lse;               // (B,Hq,Lq,D), (B,Hq,Lq)
   // backward only
   const void* dout;             // (B,Hq,Lq,D) elem
   const float* dsum;            // D_i = do_i . o_i  (B,Hq,Lq)
-  float *dq, *dk, *dv, *ddelta; // dq written; dk, dv (B,Hkv,Lk,D) and ddelta accumulated (zeroed)
+  float *dq, *dk, *dv, *ddelta; // written: dq (B,Hq,Lq,D), dk, dv (B,Hkv,Lk,D), ddelta (B,Hd,Lk)
+  float *dk_part, *dv_part;     // (B,Hd,Lk,D) scratch, only when Hd > Hkv (backward_partials)
 };
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 // backward.cu ------------------------------------------------------------------------------
+// Writes every element of dq, dk, dv and ddelta (no accumulation, no atomics: deterministic).
+__host__ __device__ inline bool backward_partials(const Dims& d) { return d.Hd > d.Hkv; }
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 

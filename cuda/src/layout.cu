@@ -55,23 +55,42 @@ MaskStateLayout mask_state_layout(const Dims& d) {
   const size_t n_bh = (size_t)d.B * d.Hd;
   MaskStateLayout m;
   m.evict = append(m.bytes, n_bh * d.Lk * sizeof(int));  // first: evict_of() relies on it
-  m.chunk_max = append(m.bytes, n_bh * d.n_chunks() * sizeof(int));
+  if (!tables_implicit(d)) {
+    const size_t T = table_tiles(d), S = table_stride(d);
+    m.slot_key = append(m.bytes, n_bh * T * S * sizeof(int));
+    m.list = append(m.bytes, n_bh * T * S * sizeof(int));
+    m.n_alive = append(m.bytes, n_bh * T * sizeof(int));
+    m.n_full = append(m.bytes, n_bh * T * sizeof(int));
+  }
   return m;
+}
+
+Tables tables_in(const Dims& d, void* mask_state) {
+  if (tables_implicit(d)) return Tables{nullptr, nullptr, nullptr, nullptr};
+  const MaskStateLayout m = mask_state_layout(d);
+  return Tables{at<int>(mask_state, m.slot_key), at<int>(mask_state, m.list),
+                at<int>(mask_state, m.n_alive), at<int>(mask_state, m.n_full)};
 }
 
 WorkspaceLayout workspace_layout(const Dims& d) {
   const size_t n_bh = (size_t)d.B * d.Hd, delta_n = n_bh * d.Lk;
-  const size_t n_small = d.n_chunks(), n_big = (d.Lk + 1023) / 1024;
+  const size_t n_small = (d.Lk + 127) / 128, n_big = (d.Lk + 1023) / 1024;
   WorkspaceLayout w;
   w.sorts = d.window < d.Lk;
   if (w.sorts) {
     w.keys = append(w.bytes, delta_n * 8);
     w.sorted = append(w.bytes, n_bh * (n_big * 1024 + n_small * 128) * 8);
   }
+  w.sweep = append(w.bytes, candidate_scratch_ints(d) * sizeof(int));
+  if (backward_partials(d)) {
+    w.dk_part = append(w.bytes, delta_n * d.D * 4);
+    w.dv_part = append(w.bytes, delta_n * d.D * 4);
+  }
   w.z = append(w.bytes, delta_n * 4);
   w.dz = append(w.bytes, delta_n * 4);
   w.delta2 = append(w.bytes, delta_n * 4);
   w.dsum = append(w.bytes, (size_t)d.B * d.Hq * d.Lq * 4);
+  w.dw_partials = append(w.bytes, dynamic_weights_backward_partials(d) * 4);
   return w;
 }
 

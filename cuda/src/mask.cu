@@ -15,10 +15,9 @@
 //           would reach w; inside that chunk it walks the 128-chunks the same way, and inside
 //           that 128-chunk it walks the positions. Cost per key: Lk/1024 * 10 + 8 * 7 + 128
 //           steps at most, instead of Lk.
-//   (same pass) per chunk of 128 keys, the largest e_j of the keys kept somewhere (e_j >= j):
-//           the attention kernels skip a whole chunk when it is below their first position.
 //
-// When w >= Lk nothing is ever evicted: every e_j = Lk-1 and pass 1 is skipped.
+// When w >= Lk nothing is ever evicted: every e_j = Lk-1 and pass 1 is skipped. From evict the
+// candidate tables are built next (candidates.cu).
 #include "common.cuh"
 #include "kernels.hpp"
 
@@ -26,7 +25,7 @@ namespace dma::cuda::detail {
 namespace {
 
 constexpr int kBig = 1024;           // positions per coarse chunk
-constexpr int kSmall = kKeyChunk;    // positions per fine chunk (128)
+constexpr int kSmall = 128;          // positions per fine chunk
 
 // keys (B*Hd, Lk) <- rank_key(delta, j); sorted (B*Hd, n_chunks*C) <- each chunk sorted ascending
 // (padding past Lk is 0, which ranks below every real key). grid (n_chunks, B*Hd), C threads.
@@ -66,13 +65,12 @@ __device__ __forceinline__ int count_above(const uint64_t* __restrict__ s, uint6
   return C - lo;
 }
 
-// grid (n_small_chunks, B*Hd), 128 threads: evict and chunk_max.
+// grid (n_small_chunks, B*Hd), 128 threads: one key per thread.
 __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
                                                         const uint64_t* __restrict__ keys,
                                                         const uint64_t* __restrict__ sorted_big,
                                                         const uint64_t* __restrict__ sorted_small,
-                                                        int* __restrict__ evict,
-                                                        int* __restrict__ chunk_max) {
+                                                        int* __restrict__ evict) {
   const int bh = blockIdx.y, j = blockIdx.x * kSmall + threadIdx.x;
   const int n_big = (Lk + kBig - 1) / kBig, n_small = (Lk + kSmall - 1) / kSmall;
   const uint64_t* keys_bh = keys + (size_t)bh * Lk;
@@ -95,38 +93,24 @@ __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
       break;
     }
     evict[(size_t)bh * Lk + j] = e;
-    if (!rule::is_ever_kept(j, e)) e = -1;  // never kept: does not make its chunk worth visiting
-  }
-  // chunk_max: block-wide max of e over this chunk's keys
-  __shared__ int warp_max[kSmall / 32];
-  for (int off = 16; off > 0; off /= 2) e = max(e, __shfl_xor_sync(0xffffffffu, e, off));
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = e;
-  __syncthreads();  // all warp maxima written
-  if (threadIdx.x == 0) {
-    int m = -1;
-    for (int w = 0; w < kSmall / 32; ++w) m = max(m, warp_max[w]);
-    chunk_max[(size_t)bh * n_small + blockIdx.x] = m;
   }
 }
 
 // w >= Lk: no key is ever evicted.
-__global__ void no_eviction_kernel(int Lk, int n_small, int n_bh, int* __restrict__ evict,
-                                   int* __restrict__ chunk_max) {
+__global__ void no_eviction_kernel(int Lk, int n_bh, int* __restrict__ evict) {
   const size_t n = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (n < (size_t)n_bh * Lk) evict[n] = Lk - 1;
-  if (n < (size_t)n_bh * n_small) chunk_max[n] = Lk - 1;
 }
 
 }  // namespace
 
 // Scratch sizes: keys B*Hd*Lk, sorted B*Hd*(n_big*1024 + n_small*128) 64-bit words.
-void launch_mask(const Dims& d, const float* delta, int* evict, int* chunk_max, uint64_t* keys,
-                 uint64_t* sorted, cudaStream_t st) {
-  const int n_bh = d.B * d.Hd, n_small = d.n_chunks(), n_big = (d.Lk + kBig - 1) / kBig;
+void launch_mask(const Dims& d, const float* delta, int* evict, uint64_t* keys, uint64_t* sorted,
+                 cudaStream_t st) {
+  const int n_bh = d.B * d.Hd, n_small = (d.Lk + kSmall - 1) / kSmall, n_big = (d.Lk + kBig - 1) / kBig;
   if (d.window >= d.Lk) {
     const size_t n = (size_t)n_bh * d.Lk;
-    no_eviction_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(d.Lk, n_small, n_bh, evict,
-                                                                     chunk_max);
+    no_eviction_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(d.Lk, n_bh, evict);
     DMA_CUDA_CHECK_LAUNCH(no_eviction_kernel);
     return;
   }
@@ -138,7 +122,7 @@ void launch_mask(const Dims& d, const float* delta, int* evict, int* chunk_max, 
                                                                      sorted_small);
   DMA_CUDA_CHECK_LAUNCH(sort_chunks_kernel);
   evict_kernel<<<dim3(n_small, n_bh), kSmall, 0, st>>>(d.Lk, d.window, keys, sorted_big,
-                                                       sorted_small, evict, chunk_max);
+                                                       sorted_small, evict);
   DMA_CUDA_CHECK_LAUNCH(evict_kernel);
 }
 

@@ -44,12 +44,24 @@ struct Config {
 // Needs no device. Every call below starts with it.
 void check_config(const Config& c);
 
-// Bytes of the mask state (evict and the per-chunk maxima the kernels skip by), caller-owned and
-// kept from the forward to the backward. Its first B*Hd*Lk int32 are evict (B,Hd,Lk): e_j.
+// Bytes of the mask state (evict and the candidate tables of dma/candidates.hpp), caller-owned
+// and kept from the forward to the backward. Its first B*Hd*Lk int32 are evict (B,Hd,Lk): e_j.
 size_t mask_state_bytes(const Config& c);
 inline const int32_t* evict_of(const void* mask_state) {
   return static_cast<const int32_t*>(mask_state);
 }
+
+// Where the candidate tables lie in a mask state (device pointers; per (b, delta head) the
+// tables of dma::candidate_table for query tiles of `tile_queries`, one after the other).
+// When w >= Lk they are implicit (every key kept) and the pointers are null.
+struct CandidateTables {
+  int64_t tile_queries = 0, tiles = 0, stride = 0;  // Bq, T, S
+  const int32_t* slot_key = nullptr;  // (B,Hd,T,S)
+  const int32_t* list = nullptr;      // (B,Hd,T,S)
+  const int32_t* n_alive = nullptr;   // (B,Hd,T)
+  const int32_t* n_full = nullptr;    // (B,Hd,T)
+};
+CandidateTables candidate_tables_of(const Config& c, const void* mask_state);
 
 // Scratch bytes one call needs at most (any phase, forward or backward). Its contents are not
 // kept between calls; one workspace may serve every call on one stream. Aligned to 256 bytes
