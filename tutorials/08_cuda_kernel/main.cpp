@@ -86,7 +86,7 @@ struct Rng {  // splitmix64: deterministic inputs
   }
 };
 
-const int kBq = 128, kBk = 64;  // v2's tile sizes (8 warps by default, cuda/src/gather.cuh)
+const int kBq = 128, kBk = 64;  // v2's tile sizes (cuda/src/tables.cuh, kernels.hpp)
 const int kV1Threads = 128;     // v1's threads (= query rows) per block
 const int kWarp = 32;
 
