@@ -7,6 +7,7 @@
 //       -> [dq, dk, dv, ddelta, dw_dt, da]        (dw_dt, da empty when delta was given)
 //
 //   DecodeCache: the decode cache of core/include/dma/decode.hpp (CPU; see its block below)
+//   CudaDecodeCache: the GPU one, dma/cuda_decode.hpp (cuda_ops.cpp; CUDA builds only)
 //
 // On the CPU every output has q's dtype and mask_state is evict (B,Hd,Lk) int64. dma::Error
 // becomes dma_torch._C.DMAError, a ValueError.
@@ -234,12 +235,6 @@ std::vector<T> optional_vec(const OptTensor& t, const char* name, const std::vec
   return t ? cache_vec<T>(*t, name, sizes) : std::vector<T>{};
 }
 
-void check_weights_given(const OptTensor& w_dt, const OptTensor& a, const OptTensor& delta) {
-  if (delta && (w_dt || a))
-    throw dma::Error("delta: given together with w_dt/a; pass either w_dt and a, or delta");
-  if (!delta && (!w_dt || !a)) throw dma::Error("w_dt, a: both are needed when delta is not given");
-}
-
 class DecodeCacheObject {
  public:
   DecodeCacheObject(int64_t B, int64_t Hq, int64_t Hkv, int64_t Hd, int64_t D, int64_t window,
@@ -445,6 +440,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "B"_a, "Hq"_a, "Hkv"_a, "Hd"_a, "Lq"_a, "Lk"_a, "D"_a, "window"_a, "causal"_a, "form"_a,
       "fp16"_a);
   dma_torch::bind_decode(m);
+#ifdef DMA_TORCH_WITH_CUDA
+  dma_torch::bind_cuda_decode(m);
+#endif
   m.def("build_info", [] {
     pybind11::dict d;
     d["eigen"] = bool(DMA_TORCH_HAVE_EIGEN);

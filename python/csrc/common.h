@@ -31,6 +31,15 @@ inline void expect_dim(const at::Tensor& t, int64_t dim, const char* name) {
                      std::to_string(t.dim()));
 }
 
+// The dynamic weights of a decode call: w_dt and a, or delta (not both).
+inline void check_weights_given(const std::optional<at::Tensor>& w_dt,
+                                const std::optional<at::Tensor>& a,
+                                const std::optional<at::Tensor>& delta) {
+  if (delta && (w_dt || a))
+    throw dma::Error("delta: given together with w_dt/a; pass either w_dt and a, or delta");
+  if (!delta && (!w_dt || !a)) throw dma::Error("w_dt, a: both are needed when delta is not given");
+}
+
 inline dma::Shape shape_of(const Args& a) {
   expect_dim(a.q, 4, "q");
   expect_dim(a.k, 4, "k");
@@ -69,6 +78,8 @@ std::vector<at::Tensor> backward_cuda(const Args& a, const at::Tensor& delta,
                                       const at::Tensor& mask_state, const at::Tensor& o,
                                       const at::Tensor& lse, const at::Tensor& dout);
 int64_t cuda_mask_state_bytes(const dma::Shape& s, const dma::Options& o, bool fp16);
+// _C.CudaDecodeCache: the GPU decode cache (dma/cuda_decode.hpp), defined in cuda_ops.cpp.
+void bind_cuda_decode(pybind11::module_& m);
 #endif
 
 }  // namespace dma_torch
