@@ -4,6 +4,8 @@
 #                     hover mapping, tile classification against the core's counters), the worker's
 #                     jobs (inputs, comparisons, the capped timing history) and the real panels
 #                     driven in a Dear ImGui context with a fake mouse, no window
+#   test_viewer_slots doctest, "gui": the slot view (key runs, its picture, the slot sweep's
+#                     counters against dma::tiled_backward's, the panel with a fake mouse)
 #   viewer_xvfb_*     the real executable under xvfb-run: renders, writes a screenshot, which must
 #                     not be blank (labels gui, xvfb; exit 77 = skipped without xvfb-run)
 #   viewer_no_display without a display the executable exits 77
@@ -16,6 +18,10 @@ target_link_libraries(test_viewer PRIVATE dma_inspector_ui doctest::doctest)
 target_compile_definitions(test_viewer PRIVATE DMA_ASSETS_DIR="${PROJECT_SOURCE_DIR}/assets")
 doctest_discover_tests(test_viewer ADD_LABELS 1)
 
+add_executable(test_viewer_slots test_viewer_main.cpp test_viewer_slots.cpp)
+target_link_libraries(test_viewer_slots PRIVATE dma_inspector_ui doctest::doctest)
+doctest_discover_tests(test_viewer_slots ADD_LABELS 1)
+
 add_executable(test_viewer_xvfb test_viewer_xvfb.cpp)
 target_link_libraries(test_viewer_xvfb PRIVATE PkgConfig::IMGUI)  # for stb_image (-lstb)
 add_dependencies(test_viewer_xvfb dma_inspector)
@@ -26,13 +32,19 @@ add_test(NAME viewer_xvfb_random_2048
          COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
                  ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_random_2048.png
                  --random --lq 512 --lk 2048 --hq 8 --hkv 2 --window 128 --view mask)
-set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 PROPERTIES
+# The slot view of a random GQA head (w = 128, tiles of 32), one key's run hovered.
+add_test(NAME viewer_xvfb_slots
+         COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
+                 ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_slots.png
+                 --random --lq 1024 --lk 1024 --hq 4 --hkv 2 --window 128 --bq 32 --bk 32
+                 --head 3 --view slots --hover 20,40)
+set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 viewer_xvfb_slots PROPERTIES
                      LABELS "gui;xvfb" SKIP_RETURN_CODE 77 TIMEOUT 600)
 if(DMA_SANITIZE)
   # Mesa's driver, loaded and unloaded at run time, leaves ~112 bytes at exit from frames that
-  # cannot be attributed: leak checking is off for the two windowed runs (address and UB checks
+  # cannot be attributed: leak checking is off for the windowed runs (address and UB checks
   # stay on; test_viewer, which drives the same panels without a window, keeps leak checking).
-  set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 PROPERTIES
+  set_tests_properties(viewer_xvfb_screenshot viewer_xvfb_random_2048 viewer_xvfb_slots PROPERTIES
                        ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0")
 endif()
 # Without a display the inspector exits 77 (so that ctest reports GUI runs as skipped there).

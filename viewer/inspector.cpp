@@ -216,10 +216,18 @@ void draw_inspector(InspectorState& st) {
   if (st.model && st.view.model_view) {
     panel_model(st);
   } else if (st.snap && st.snap->views) {
+    ImGui::Checkbox("slot view", &st.view.slot_view);
+    help_marker("The candidate table of the shown head instead of the large view: for each query\n"
+                "tile the keys its queries keep, each in the slot it holds for its whole run of\n"
+                "tiles, as the atomic-free backward sweeps them.");
     panel_head_thumbnails(st);
-    const float bars_h = 150.0f;
-    panel_head_view(st, bars_h);
-    panel_delta_bars(st);
+    if (st.view.slot_view) {
+      panel_slots(st);
+    } else {
+      const float bars_h = 150.0f;
+      panel_head_view(st, bars_h);
+      panel_delta_bars(st);
+    }
   } else {
     ImGui::TextDisabled("computing the first result...");
   }

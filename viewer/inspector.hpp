@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "heatmap.hpp"
+#include "tiles.hpp"
 #include "view_data.hpp"
 #include "worker.hpp"
 
@@ -60,6 +61,10 @@ struct ViewState {
   // The model view (a model opened with --in): layers x delta heads, instead of the head view.
   bool model_view = false;
   std::vector<std::vector<Rect>> model_rects;  // [layer][delta head], as drawn (tests)
+  // The slot view (panel_slots.cpp): the shown head's candidate table, instead of the large view.
+  bool slot_view = false;
+  Rect slot_rect;                   // where the table was drawn (tests, scripting)
+  std::optional<Cell> slot_hover;   // (query tile, slot) under the mouse this frame
   int shown_head() const { return preview_head >= 0 ? preview_head : locked_head; }
 };
 
@@ -84,6 +89,11 @@ struct InspectorState {
   bool builds_pending = false;  // some texture waits: the platform keeps drawing frames
   std::string large_key;  // the large view's matrix, kept for tooltips, export and the bar plot
   HeadMatrix large;
+  // The slot view's candidate table of one (b, delta head), rebuilt when slot_key changes.
+  std::string slot_key;
+  CandidateTable slot_table;
+  std::vector<KeyRun> slot_runs;
+  SlotWork slot_work;
 
   // Export.
   std::string export_prefix = "dma";

@@ -114,11 +114,12 @@ int main(int argc, char** argv) {
   app.add_flag("--bf16", cli.bf16_inputs, "Round q k v do to bf16 before the CPU runs (as CUDA does)");
   app.add_option("--bq", cli.Bq, "Queries per tile")->check(CLI::Range(1, 1024));
   app.add_option("--bk", cli.Bk, "Keys per tile")->check(CLI::Range(1, 1024));
-  app.add_option("--view", view, "Initial view")
-      ->check(CLI::IsMember({"probs", "delta", "mask", "ds", "dq", "diff"}));
+  app.add_option("--view", view, "Initial view (slots: the slot view of the candidate table)")
+      ->check(CLI::IsMember({"probs", "delta", "mask", "ds", "dq", "diff", "slots"}));
   app.add_option("--head", head, "Initial locked head");
   app.add_flag("--live", live, "Start with live timing on (re-times the backends while idle)");
-  app.add_option("--hover", hover, "Hover this cell of the large view, QUERY,KEY (for screenshots)");
+  app.add_option("--hover", hover, "Hover this cell of the large view, QUERY,KEY (the slot view: "
+                                   "TILE,SLOT) (for screenshots)");
   std::string zoom;
   app.add_option("--zoom", zoom, "Zoom the large view to rows R0..R1-1 and columns C0..C1-1: R0,R1,C0,C1");
   app.add_option("--frames", frames, "Render this many frames after the first result, then exit")
@@ -189,6 +190,7 @@ int main(int argc, char** argv) {
   static const char* views[] = {"probs", "delta", "mask", "ds", "dq", "diff"};
   for (int k = 0; k < dv::kViewKindCount; ++k)
     if (view == views[k]) st.view.kind = static_cast<dv::ViewKind>(k);
+  st.view.slot_view = view == "slots";
   st.view.locked_head = head;
   long long hq = 0, hk = 0;
   // --hover scripts the mouse for headless screenshots only: interactively the real mouse rules.

@@ -132,7 +132,8 @@ void panel_timings(InspectorState& st) {
   ImGui::Spacing();
   ImGui::TextUnformatted("Tile work (forward)");
   help_marker("Counted by the tiled implementation, summed over batch and query heads. The\n"
-              "backward walks the same tiles and key blocks, so its counts are the same.\n"
+              "backward of dense and skip walks the same tiles and key blocks (the same counts);\n"
+              "gather's backward sweeps the slots of its lists instead (see the slot view).\n"
               "tiles skipped: causal-dense tiles left out. work: (query, key) pairs the tile\n"
               "math ran on, over the pairs of a causal-dense kernel. kept: pairs the mask keeps\n"
               "(the least any method must do). max cand.: largest gathered set (<= w + Bq).\n"

@@ -5,6 +5,7 @@
 //   panel_timings.cpp   timings per phase and backend, counters, |CUDA - CPU| summary (right)
 //   panel_export.cpp    PNG at data resolution, window screenshot, CSV (right, below)
 //   panel_model.cpp     a model's layers x delta heads as mask thumbnails (centre, model view)
+//   panel_slots.cpp     the slot view: a head's candidate table, query tiles x slots (centre)
 //   inspector.cpp       the frame: layout, status bar, texture cache shared by the panels
 #pragma once
 
@@ -20,6 +21,9 @@ void panel_model(InspectorState& st);  // panel_model.cpp: layers x delta heads 
 void panel_head_thumbnails(InspectorState& st);
 void panel_head_view(InspectorState& st, float bars_height);
 void panel_delta_bars(InspectorState& st);
+// The candidate table of the shown head's (b, delta head): which key each slot holds at each
+// query tile, hover for the key, its e_j and its run; the work of the slot sweep (panel_slots.cpp).
+void panel_slots(InspectorState& st);
 void panel_timings(InspectorState& st);
 void panel_compare(InspectorState& st);
 void panel_export(InspectorState& st);

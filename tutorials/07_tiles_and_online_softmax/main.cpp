@@ -17,9 +17,19 @@
 //      the top w keys of a long prefix are spread over all of it, so almost every key tile holds
 //      one - while gathering cuts the work to about the true density. On structured delta (a
 //      local head) skipping pays too.
-// The counters and outputs are checked against the project's dma::tiled_forward.
+//   4. What the GPU's mask phase hands the kernels instead of evict: per query tile a list of its
+//      candidates, fully kept keys first (a chunk of them needs no element mask), and a "slot"
+//      per key that it keeps for its whole run of query tiles (interval partitioning). Printed
+//      as a tile x slot table on a small example.
+//   5. The backward by slots, without atomics: for each block of Bk slots, walk the query tiles
+//      in order, keep dK, dV, ddelta of the block's keys, write each key's once when it leaves
+//      its slot; then dQ by a query-major pass over the lists. Every key is written exactly once,
+//      and the work stays near the kept pairs.
+// The counters and outputs are checked against the project's dma::tiled_forward, its candidate
+// table (dma::candidate_table) and its slot backward (dma::tiled_backward, gather mode).
 //
-// Shapes (one batch, one head): q, k, v, o (L, D); delta, evict, lse (L); a tile S is (Bq, Bk).
+// Shapes (one batch, one head): q, k, v, o, do (L, D); delta, evict, lse (L); a tile S is (Bq, Bk);
+// the candidate table is (T, w + Bq) for T = ceil(L / Bq) query tiles.
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +38,7 @@
 #include <limits>
 #include <vector>
 
+#include "dma/candidates.hpp"
 #include "dma/mask.hpp"
 #include "dma/mask_rule.hpp"
 #include "dma/reference.hpp"
@@ -282,6 +293,277 @@ bool run_modes(const Problem& P, int Bq, int Bk, double* skip_tiles, double* gat
   return ok;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Part 5: candidate lists and slots (docs/design.md §2.8, §2.9).
+
+struct Table {
+  int T = 0, S = 0;       // query tiles, slots per tile (w + Bq: the bound of step 2.4)
+  std::vector<int> slot;  // (T, S): the key in each slot, -1 empty
+  std::vector<int> list;  // (T, S): the tile's candidates, fully kept first, then the others
+  std::vector<int> n_alive, n_full;
+  int key(int t, int s) const { return slot[t * S + s]; }
+};
+
+// Sweeps the query tiles in order: a key whose interval [j, e_j] ends before the tile frees its
+// slot; the tile's own keys that are kept at all take the lowest free slots. By nesting, no key
+// comes back later, so each key keeps one slot for its whole (contiguous) run of tiles.
+Table build_table(const Problem& P, int Bq) {
+  const int L = P.L;
+  Table tb;
+  tb.T = (L + Bq - 1) / Bq;
+  tb.S = std::min(P.w + Bq, L);
+  tb.slot.assign(tb.T * tb.S, -1);
+  tb.list.assign(tb.T * tb.S, -1);
+  tb.n_alive.assign(tb.T, 0);
+  tb.n_full.assign(tb.T, 0);
+  std::vector<int> row(tb.S, -1);
+  for (int t = 0; t < tb.T; t++) {
+    const int p_first = t * Bq, p_last = std::min(L, p_first + Bq) - 1;
+    for (int& j : row)
+      if (j >= 0 && P.evict[j] < p_first) j = -1;  // no query from here on keeps it
+    for (int j = p_first; j <= p_last; j++)
+      if (dma::rule::is_ever_kept<int64_t>(j, P.evict[j]))
+        *std::find(row.begin(), row.end(), -1) = j;  // at most w + Bq candidates: a slot is free
+    std::copy(row.begin(), row.end(), tb.slot.begin() + t * tb.S);
+    int n = 0;
+    for (int pass = 0; pass < 2; pass++)  // kept by every query of the tile first
+      for (int j : row) {
+        if (j < 0) continue;
+        const bool full = j <= p_first && P.evict[j] >= p_last;
+        if (full != (pass == 0)) continue;
+        tb.list[t * tb.S + n++] = j;
+        tb.n_full[t] += full;
+      }
+    tb.n_alive[t] = n;
+  }
+  return tb;
+}
+
+// The tile x slot table: a key is printed in every tile it is a candidate of, "*" on its last
+// tile (the slot sweep writes its gradients when it moves past it), "." for an empty slot.
+void print_table(const Table& tb, int Bq, int L) {
+  std::printf("  tile  queries  |");
+  for (int s = 0; s < tb.S; s++) std::printf("%4d", s);
+  std::printf("   | list: fully kept | the rest\n");
+  for (int t = 0; t < tb.T; t++) {
+    std::printf("  %4d  %3d-%-3d  |", t, t * Bq, std::min(L, (t + 1) * Bq) - 1);
+    for (int s = 0; s < tb.S; s++) {
+      const int j = tb.key(t, s);
+      const bool last = j >= 0 && (t + 1 == tb.T || tb.key(t + 1, s) != j);
+      if (j < 0) std::printf("   .");
+      else std::printf("%3d%c", j, last ? '*' : ' ');
+    }
+    std::printf("   |");
+    for (int n = 0; n < tb.n_alive[t]; n++)
+      std::printf("%s%d", n == tb.n_full[t] ? " | " : " ", tb.list[t * tb.S + n]);
+    std::printf("\n");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 6: the backward by slots (no atomics), and dQ by the lists.
+
+struct Grads {
+  std::vector<double> dq, dk, dv, ddelta;  // (L, D) x3, (L)
+};
+
+struct SweepCount {
+  long pairs_swept = 0;   // (query, slot) pairs of the visited slot blocks, empty slots included
+  long pairs_kept = 0;
+  long blocks_visited = 0, blocks_skipped = 0;
+  std::vector<int> writes;  // per key: how often its dk, dv, ddelta were written
+};
+
+Grads slot_backward(const Problem& P, const Output& fwd, const std::vector<double>& dout,
+                    const Table& tb, int Bq, int Bk, SweepCount& n, bool print_block_0) {
+  const int L = P.L, D = P.D;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  Grads g{std::vector<double>(L * D, 0.0), std::vector<double>(L * D, 0.0),
+          std::vector<double>(L * D, 0.0), std::vector<double>(L, 0.0)};
+  n.writes.assign(L, 0);
+  // In the forward pass o_i = sum_j p_ij v_j, so now D_i = do_i . o_i.
+  std::vector<double> Drow(L, 0.0);
+  for (int i = 0; i < L; i++)
+    for (int d = 0; d < D; d++) Drow[i] += dout[i * D + d] * fwd.o[i * D + d];
+  auto kept = [&](int i, int j) { return dma::rule::is_kept<int64_t>(j, i, P.evict[j]); };
+  // p_ij recomputed from the saved lse, and ds_ij = p_ij (dp_ij - D_i), dp_ij = do_i . v_j
+  auto p_and_ds = [&](int i, int j, double* p, double* ds) {
+    double qk = 0, dp = 0;
+    for (int d = 0; d < D; d++) {
+      qk += P.q[i * D + d] * P.k[j * D + d];
+      dp += dout[i * D + d] * P.v[j * D + d];
+    }
+    *p = std::exp(scale * qk + P.delta[j] - fwd.lse[i]);
+    *ds = *p * (dp - Drow[i]);
+  };
+
+  // 1. dK, dV, ddelta, slot-major: the block's accumulators live across the query tiles. Only
+  //    the slots some tile uses are swept (the largest list: fewer than w + Bq).
+  int used = 0;
+  for (int t = 0; t < tb.T; t++)
+    for (int s = 0; s < tb.S; s++)
+      if (tb.key(t, s) >= 0) used = std::max(used, s + 1);
+  for (int s0 = 0; s0 < used; s0 += Bk) {
+    const int width = std::min(Bk, used - s0);
+    std::vector<int> held(width, -1);
+    std::vector<double> dk(width * D, 0.0), dv(width * D, 0.0), dd(width, 0.0);
+    std::vector<int> written_now;
+    auto write = [&](int c) {  // key held[c] left its slot: every query that keeps it was seen
+      const int j = held[c];
+      for (int d = 0; d < D; d++) {
+        g.dk[j * D + d] = dk[c * D + d];  // an assignment, not an addition: the only write
+        g.dv[j * D + d] = dv[c * D + d];
+        dk[c * D + d] = dv[c * D + d] = 0;
+      }
+      g.ddelta[j] = dd[c];
+      dd[c] = 0;
+      n.writes[j]++;
+      written_now.push_back(j);
+    };
+    for (int t = 0; t <= tb.T; t++) {  // t = T: after the last tile, the survivors are written
+      written_now.clear();
+      bool occupied = false;
+      for (int c = 0; c < width; c++) {
+        const int j = t < tb.T ? tb.key(t, s0 + c) : -1;
+        if (held[c] >= 0 && held[c] != j) write(c);
+        held[c] = j;
+        occupied = occupied || j >= 0;
+      }
+      if (print_block_0 && s0 == 0 && !written_now.empty()) {
+        if (t < tb.T) std::printf("    slot block 0 (slots 0-%d), before tile %d: their last tile is over,"
+                                  " it writes keys", width - 1, t);
+        else std::printf("    slot block 0, after the last tile: it writes keys");
+        for (int j : written_now) std::printf(" %d", j);
+        std::printf("\n");
+      }
+      if (t == tb.T) break;
+      if (!occupied) {
+        n.blocks_skipped++;
+        continue;
+      }
+      n.blocks_visited++;
+      const int i0 = t * Bq, i1 = std::min(L, i0 + Bq);
+      n.pairs_swept += static_cast<long>(i1 - i0) * width;
+      for (int c = 0; c < width; c++) {
+        const int j = held[c];
+        if (j < 0) continue;
+        for (int i = i0; i < i1; i++) {
+          if (!kept(i, j)) continue;  // p = 0 exactly: no contribution (step 6)
+          n.pairs_kept++;
+          double p, ds;
+          p_and_ds(i, j, &p, &ds);
+          for (int d = 0; d < D; d++) {
+            dv[c * D + d] += p * dout[i * D + d];
+            dk[c * D + d] += scale * ds * P.q[i * D + d];
+          }
+          dd[c] += ds;
+        }
+      }
+    }
+  }
+
+  // 2. dQ, query-major over the lists: each query tile reduces over its own candidates.
+  for (int t = 0; t < tb.T; t++)
+    for (int i = t * Bq; i < std::min(L, (t + 1) * Bq); i++)
+      for (int n_ = 0; n_ < tb.n_alive[t]; n_++) {
+        const int j = tb.list[t * tb.S + n_];
+        // The head of the list (n_ < n_full) is kept by every query of the tile: no test there.
+        if (n_ >= tb.n_full[t] && !kept(i, j)) continue;
+        double p, ds;
+        p_and_ds(i, j, &p, &ds);
+        for (int d = 0; d < D; d++) g.dq[i * D + d] += scale * ds * P.k[j * D + d];
+      }
+  return g;
+}
+
+double max_rel(const std::vector<double>& x, const std::vector<double>& ref) {
+  double m = 0, r = 1e-300;
+  for (size_t e = 0; e < x.size(); e++) {
+    m = std::fmax(m, std::fabs(x[e] - ref[e]));
+    r = std::fmax(r, std::fabs(ref[e]));
+  }
+  return m / r;
+}
+
+// Runs Parts 5 and 6 on one problem; prints the table when asked. True when everything agrees.
+bool lists_and_slots(const Problem& P, int Bq, int Bk, bool verbose) {
+  const int L = P.L, D = P.D;
+  const Table tb = build_table(P, Bq);
+  if (verbose) print_table(tb, Bq, L);
+
+  // The project's table must be the same, bit for bit (the GPU builds it too).
+  const dma::CandidateTable lib = dma::candidate_table(P.evict.data(), L, L, true, P.w, Bq);
+  const bool same_table = std::equal(tb.slot.begin(), tb.slot.end(), lib.slot_key.begin()) &&
+                          std::equal(tb.list.begin(), tb.list.end(), lib.list.begin()) &&
+                          std::equal(tb.n_full.begin(), tb.n_full.end(), lib.n_full.begin()) &&
+                          std::equal(tb.n_alive.begin(), tb.n_alive.end(), lib.n_alive.begin());
+  const int max_alive = *std::max_element(tb.n_alive.begin(), tb.n_alive.end());
+  std::printf("  slots used %lld = the largest list %d (bound w + Bq = %d); "
+              "dma::candidate_table identical: %s\n",
+              static_cast<long long>(lib.slots_used), max_alive, P.w + Bq, same_table ? "yes" : "NO");
+
+  // The backward, three ways: the scalar reference, the slot sweep above, the library's.
+  if (verbose) std::printf("Part 6: the backward by slots, blocks of Bk = %d slots\n", Bk);
+  Rng rng{99};
+  std::vector<double> dout(L * D);
+  for (double& x : dout) x = rng.uniform();
+  const Output fwd = two_pass(P);
+  SweepCount n;
+  const Grads mine = slot_backward(P, fwd, dout, tb, Bq, Bk, n, verbose);
+
+  dma::Shape shape;
+  shape.Lq = shape.Lk = L;
+  shape.D = D;
+  dma::Options opt;
+  opt.window = P.w;
+  const dma::ForwardResult<double> ref_fwd{fwd.o, fwd.lse};
+  const dma::AttentionGrads<double> ref = dma::reference_backward(
+      shape, opt, P.q, P.k, P.v, P.delta, dma::mask_from_evict(shape, opt, P.evict), ref_fwd, dout);
+  dma::TileConfig tc;
+  tc.Bq = Bq;
+  tc.Bk = Bk;
+  tc.mode = dma::TileMode::gather;
+  dma::TileCounters fc, bc;
+  const dma::ForwardResult<double> t_fwd =
+      dma::tiled_forward(shape, opt, tc, P.q, P.k, P.v, P.delta, P.evict, &fc);
+  const dma::AttentionGrads<double> lib_g =
+      dma::tiled_backward(shape, opt, tc, P.q, P.k, P.v, P.delta, P.evict, t_fwd, dout, &bc);
+
+  using Vec = std::vector<double>;
+  const Vec* here[] = {&mine.dq, &mine.dk, &mine.dv, &mine.ddelta};
+  const Vec* lib_of[] = {&lib_g.dq, &lib_g.dk, &lib_g.dv, &lib_g.ddelta};
+  const Vec* ref_of[] = {&ref.dq, &ref.dk, &ref.dv, &ref.ddelta};
+  double err_mine = 0, err_lib = 0;
+  for (int e = 0; e < 4; e++) {
+    err_mine = std::fmax(err_mine, max_rel(*here[e], *ref_of[e]));
+    err_lib = std::fmax(err_lib, max_rel(*lib_of[e], *ref_of[e]));
+  }
+  // Every key that is a candidate of some tile is written exactly once, every other key never.
+  long alive = 0, once = 0, twice = 0;
+  std::vector<bool> candidate(L, false);
+  for (int j : tb.slot)
+    if (j >= 0) candidate[j] = true;
+  for (int j = 0; j < L; j++) {
+    alive += candidate[j];
+    once += candidate[j] && n.writes[j] == 1;
+    twice += n.writes[j] > 1 || (!candidate[j] && n.writes[j] > 0);
+  }
+  std::printf("  keys alive %ld, written exactly once %ld, wrongly %ld; library key writes %lld\n",
+              alive, once, twice, static_cast<long long>(bc.key_writes));
+  std::printf("  slot sweep: %ld slot blocks visited, %ld skipped (all slots empty); pairs swept %ld"
+              " = %.3f x the %ld kept\n", n.blocks_visited, n.blocks_skipped, n.pairs_swept,
+              static_cast<double>(n.pairs_swept) / n.pairs_kept, n.pairs_kept);
+  std::printf("  library: swept %lld, kept %lld, list chunks without the element test %lld of %lld\n",
+              static_cast<long long>(bc.pairs_swept), static_cast<long long>(bc.pairs_kept),
+              static_cast<long long>(fc.chunks_unmasked), static_cast<long long>(fc.tiles_visited));
+  std::printf("  max rel error vs the reference backward: here %.1e, dma::tiled_backward %.1e\n",
+              err_mine, err_lib);
+  return same_table && once == alive && twice == 0 && bc.key_writes == alive &&
+         bc.pairs_swept == n.pairs_swept && bc.pairs_kept == n.pairs_kept &&
+         bc.slot_blocks_visited == n.blocks_visited && lib.slots_used == max_alive &&
+         max_alive <= P.w + Bq && err_mine < 1e-12 && err_lib < 1e-12;
+}
 }  // namespace
 
 int main() {
@@ -354,6 +636,16 @@ int main() {
                   static_cast<long long>(lib.max_candidates), w + Bq);
     ok = ok && same && err < 1e-12 && lib.max_candidates <= w + Bq;
   }
+
+  // Part 5 and 6: the lists and slots of a small problem, printed, then the large one's counters.
+  const int Ls = 48, ws = 6, Bqs = 8, Bks = 4;
+  std::printf("\nPart 5: candidate lists and slots, L = %d, w = %d, Bq = %d (random delta)\n", Ls, ws, Bqs);
+  std::printf("  Each key stays in one slot for its run of tiles; * marks its last tile.\n");
+  const Problem small = make_problem(Ls, 4, ws, 11, false);
+  ok = lists_and_slots(small, Bqs, Bks, true) && ok;
+  std::printf("\nParts 5 and 6 on the random-delta problem of Part 2 (L = %d, w = %d, Bq = Bk = %d)\n",
+              L, w, Bq);
+  ok = lists_and_slots(random, Bq, Bk, false) && ok;
 
   std::printf("\n%s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
