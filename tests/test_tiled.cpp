@@ -31,10 +31,11 @@ void check_close(const Result<double>& got, const Result<double>& ref, double to
   CHECK(rel(got.fwd.lse, ref.fwd.lse) <= tol);
   CHECK(rel(got.grads.dq, ref.grads.dq) <= tol);
   CHECK(rel(got.grads.dk, ref.grads.dk) <= tol);
-  CHECK(rel(got.grads.dv, ref.grads.dv) <= tol);
   // ddelta sums ds over queries and heads, and dw_dt, da sum ddelta over keys and the batch: the
   // signed terms cancel to well below their own size, so reordering the sums moves the result by
-  // the rounding of the terms (~1e-16 of them), which is up to ~1e-11 of the result here.
+  // the rounding of the terms (~1e-16 of them), which is up to ~1e-11 of the result here. dv
+  // carries the same error through its part dz . w_dt (dz is made from ddelta; seen: 3.4e-12).
+  CHECK(rel(got.grads.dv, ref.grads.dv) <= 100 * tol);
   CHECK(rel(got.grads.ddelta, ref.grads.ddelta) <= 100 * tol);
   CHECK(rel(got.dw_dt, ref.dw_dt) <= 1000 * tol);
   CHECK(rel(got.da, ref.da) <= 1000 * tol);
