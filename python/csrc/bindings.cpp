@@ -225,8 +225,8 @@ std::vector<T> cache_vec(const at::Tensor& t, const char* name, const std::vecto
                      " tensor on " + t.device().str() + "; the cache takes " +
                      c10::toString(want) + " tensors on the CPU");
   if (t.sizes() != at::IntArrayRef(sizes))
-    throw dma::Error(std::string(name) + ": shape " + c10::str(t.sizes()) + ", expected " +
-                     c10::str(at::IntArrayRef(sizes)));
+    throw dma::Error(std::string(name) + ": shape " + shape_string(t.sizes()) + ", expected " +
+                     shape_string(sizes));
   return to_vec<T>(t, name);
 }
 

@@ -25,6 +25,13 @@ struct Args {
 };
 
 // Throws dma::Error (-> dma_torch.DMAError, a ValueError) naming the tensor.
+// "[2, 4, 5]", written out here rather than with c10's stream operators.
+inline std::string shape_string(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 inline void expect_dim(const at::Tensor& t, int64_t dim, const char* name) {
   if (t.dim() != dim)
     throw dma::Error(std::string(name) + ": expected " + std::to_string(dim) + " dimensions, got " +

@@ -544,8 +544,8 @@ class CudaDecodeCacheObject {
 
   static void check_sizes(const at::Tensor& t, const char* name, const std::vector<int64_t>& sizes) {
     if (t.sizes() != at::IntArrayRef(sizes))
-      throw dma::Error(std::string(name) + ": shape " + c10::str(t.sizes()) + ", expected " +
-                       c10::str(at::IntArrayRef(sizes)));
+      throw dma::Error(std::string(name) + ": shape " + shape_string(t.sizes()) + ", expected " +
+                       shape_string(sizes));
   }
 
   // q, k, v: the cache's element type, on its device; contiguous and 16-byte aligned (the kernels
