@@ -56,9 +56,9 @@ Result<float> run_backend(const Problem<float>& p, const Params& prm, BackendId 
 // Whether CUDA can run here; when not, *note says why ("built without CUDA", "no CUDA device").
 bool detect_cuda(std::string* note);
 
-// One backend's last timing: times per phase, tile counters, agreement with the reference.
-// (The tiled backward walks the same key blocks as the forward, so its counters equal the
-// forward's: only those are kept.)
+// One backend's last timing: times per phase, the forward's tile counters, agreement with the
+// reference. (The backward's own work, the slot sweep of the gather mode, is what the slot view
+// counts: viewer/panel_slots.cpp.)
 struct BackendRun {
   bool ran = false;
   std::string note;  // why it did not run ("no CUDA device", "not selected", ...)
