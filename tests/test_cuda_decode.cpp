@@ -26,15 +26,9 @@ namespace {
 namespace dc = dma::cuda;
 using dma::Precision;
 using dma_test::DeviceMem;
+using dma_test::as_elems;
 using dma_test::to_host;
 
-// Host floats (already rounded) as the 16-bit device elements.
-std::vector<uint16_t> as_elems(const std::vector<float>& x, Precision p) {
-  std::vector<uint16_t> bits;
-  bits.reserve(x.size());
-  for (float e : x) bits.push_back(p == Precision::fp16 ? dma::to_fp16_bits(e) : dma::to_bf16_bits(e));
-  return bits;
-}
 
 struct DecodeCase {
   int64_t B, Hq, Hkv, Hd, D, w, L;

@@ -22,14 +22,9 @@ using dma::Precision;
 namespace dc = dma::cuda;
 
 using dma_test::DeviceMem;
+using dma_test::as_elems;
 using dma_test::to_host;
 
-std::vector<uint16_t> elem_bits(const std::vector<float>& x, Precision p) {
-  std::vector<uint16_t> h(x.size());
-  for (size_t n = 0; n < x.size(); ++n)
-    h[n] = p == Precision::fp16 ? dma::to_fp16_bits(x[n]) : dma::to_bf16_bits(x[n]);
-  return h;
-}
 template <typename T>
 bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
@@ -50,10 +45,10 @@ struct Buffers {
         dq(size_t(c.shape.q_numel()) * 4), dk(size_t(c.shape.kv_numel()) * 4),
         dv(size_t(c.shape.kv_numel()) * 4), ddelta(size_t(c.shape.delta_numel()) * 4),
         dw_dt(p.w_dt.size() * 4), da(p.a.size() * 4) {
-    q.upload(elem_bits(p.q, c.precision));
-    k.upload(elem_bits(p.k, c.precision));
-    v.upload(elem_bits(p.v, c.precision));
-    dout.upload(elem_bits(p.dout, c.precision));
+    q.upload(as_elems(p.q, c.precision));
+    k.upload(as_elems(p.k, c.precision));
+    v.upload(as_elems(p.v, c.precision));
+    dout.upload(as_elems(p.dout, c.precision));
     if (p.delta_given()) {
       delta.upload(p.delta);
     } else {

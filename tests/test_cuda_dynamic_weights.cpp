@@ -50,14 +50,9 @@ namespace dc = dma::cuda;
 using dma::Form;
 using dma::Precision;
 using dma_test::DeviceMem;
+using dma_test::as_elems;
 using dma_test::to_host;
 
-std::vector<uint16_t> as_elems(const std::vector<float>& x, Precision p) {
-  std::vector<uint16_t> bits;
-  bits.reserve(x.size());
-  for (float e : x) bits.push_back(p == Precision::fp16 ? dma::to_fp16_bits(e) : dma::to_bf16_bits(e));
-  return bits;
-}
 template <typename T>
 bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;

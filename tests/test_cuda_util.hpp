@@ -1,12 +1,16 @@
-// Helpers of the GPU suites: device memory the test owns, copies both ways (every call checked).
+// Helpers of the GPU suites: device memory the test owns, copies both ways (every call checked),
+// host floats as the device's 16-bit elements.
 #pragma once
 
 #include <doctest/doctest.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include <cuda_runtime_api.h>
+
+#include "dma/numerics.hpp"
 
 namespace dma_test {
 
@@ -31,6 +35,14 @@ struct DeviceMem {
     if (bytes) REQUIRE(cudaMemcpy(ptr, host.data(), bytes, cudaMemcpyHostToDevice) == cudaSuccess);
   }
 };
+
+// Host floats (already rounded to the precision) as the bf16/fp16 bits the kernels read.
+inline std::vector<uint16_t> as_elems(const std::vector<float>& x, dma::Precision p) {
+  std::vector<uint16_t> bits;
+  bits.reserve(x.size());
+  for (float e : x) bits.push_back(p == dma::Precision::fp16 ? dma::to_fp16_bits(e) : dma::to_bf16_bits(e));
+  return bits;
+}
 
 template <typename T>
 std::vector<T> to_host(const void* src, size_t n) {
