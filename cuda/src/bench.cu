@@ -16,6 +16,7 @@ namespace dma::cuda {
 namespace {
 
 using detail::DeviceBuffer;
+using detail::download;
 
 __device__ __forceinline__ uint32_t hash32(uint64_t x) {
   x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
@@ -51,14 +52,6 @@ double median(std::vector<double> x) {
   std::sort(x.begin(), x.end());
   const size_t n = x.size();
   return n == 0 ? 0.0 : (n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]));
-}
-
-template <typename U>
-std::vector<U> download(const void* src, size_t n, cudaStream_t st) {
-  std::vector<U> h(n);
-  DMA_CUDA_CHECK(cudaMemcpyAsync(h.data(), src, n * sizeof(U), cudaMemcpyDeviceToHost, st));
-  DMA_CUDA_CHECK(cudaStreamSynchronize(st));
-  return h;
 }
 
 // Kept pairs (summed over query heads) and the pairs the gathered tile math runs on, from the

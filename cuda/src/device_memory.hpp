@@ -5,9 +5,11 @@
 
 #include <cstddef>
 #include <utility>
+#include <vector>
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "dma/cuda_device.hpp"
 
 namespace dma::cuda::detail {
@@ -63,5 +65,16 @@ struct StreamGuard {
   StreamGuard(const StreamGuard&) = delete;
   StreamGuard& operator=(const StreamGuard&) = delete;
 };
+
+// n elements of type U from the device, copied on stream st, which is then waited for. (A plain
+// cudaMemcpy runs on the legacy default stream, which does not wait for a non-blocking stream: it
+// could read before the kernels wrote.)
+template <typename U>
+std::vector<U> download(const void* src, size_t n, cudaStream_t st) {
+  std::vector<U> h(n);
+  DMA_CUDA_CHECK(cudaMemcpyAsync(h.data(), src, n * sizeof(U), cudaMemcpyDeviceToHost, st));
+  DMA_CUDA_CHECK(cudaStreamSynchronize(st));
+  return h;
+}
 
 }  // namespace dma::cuda::detail

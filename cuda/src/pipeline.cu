@@ -61,6 +61,7 @@ void check_supported(const Shape& s) {
 namespace {
 
 using detail::DeviceBuffer;
+using detail::download;
 
 template <typename U>
 void upload(DeviceBuffer& dst, const std::vector<U>& src, cudaStream_t st) {
@@ -94,17 +95,6 @@ DeviceBuffer upload_new(const std::vector<U>& src, cudaStream_t st) {
   DeviceBuffer b(src.size() * sizeof(U));
   upload(b, src, st);
   return b;
-}
-
-// Copies on the wrapper's stream, then waits for it. (A plain cudaMemcpy runs on the legacy
-// default stream, which does not wait for a non-blocking stream: it could read before the kernels
-// wrote.)
-template <typename U>
-std::vector<U> download(const void* src, size_t n, cudaStream_t st) {
-  std::vector<U> h(n);
-  DMA_CUDA_CHECK(cudaMemcpyAsync(h.data(), src, n * sizeof(U), cudaMemcpyDeviceToHost, st));
-  DMA_CUDA_CHECK(cudaStreamSynchronize(st));
-  return h;
 }
 
 // Outputs are poisoned before the kernels run (NaN for floats, an impossible e_j for evict), so
