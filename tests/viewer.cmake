@@ -88,3 +88,27 @@ if(DMA_VIEWER_PYTHON AND TARGET dma_run)
 else()
   message(STATUS "viewer: no python3 with numpy (or no dma_run): the model tests are left out")
 endif()
+
+# The built-in trained model, assets/mqar (bench/mqar/export_bundle.py; `dma_inspector --example
+# mqar`): test_viewer_mqar checks its data against the core (labels, inferred settings, stored
+# delta and evict = recomputed), and under xvfb the model view and layer 1's mask with a hovered,
+# labelled cell.
+if(IS_DIRECTORY ${PROJECT_SOURCE_DIR}/assets/mqar)
+  add_executable(test_viewer_mqar test_viewer_main.cpp test_viewer_mqar.cpp)
+  target_link_libraries(test_viewer_mqar PRIVATE dma_inspector_ui doctest::doctest)
+  target_compile_definitions(test_viewer_mqar PRIVATE DMA_ASSETS_DIR="${PROJECT_SOURCE_DIR}/assets")
+  doctest_discover_tests(test_viewer_mqar ADD_LABELS 1)
+  add_test(NAME viewer_xvfb_mqar
+           COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
+                   ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_mqar.png --example mqar --model-view)
+  add_test(NAME viewer_xvfb_mqar_layer
+           COMMAND test_viewer_xvfb $<TARGET_FILE:dma_inspector>
+                   ${CMAKE_CURRENT_BINARY_DIR}/viewer_xvfb_mqar_layer.png --example mqar --layer 1
+                   --view mask --hover 400,10)
+  set_tests_properties(viewer_xvfb_mqar viewer_xvfb_mqar_layer PROPERTIES
+                       LABELS "gui;xvfb" SKIP_RETURN_CODE 77 TIMEOUT 600)
+  if(DMA_SANITIZE)
+    set_tests_properties(viewer_xvfb_mqar viewer_xvfb_mqar_layer PROPERTIES
+                         ENVIRONMENT "ASAN_OPTIONS=detect_leaks=0")
+  endif()
+endif()

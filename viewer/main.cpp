@@ -3,6 +3,7 @@
 // Everything the user sees is drawn by draw_inspector() (inspector.cpp and the panel_*.cpp).
 //
 //   dma_inspector                          the built-in example (assets/example)
+//   dma_inspector --example mqar           the built-in trained model (assets/mqar, MQAR)
 //   dma_inspector --in DIR                 a bundle in the dma_run layout, or a model: a folder
 //                                          of bundles layer_00/ layer_01/ ... (--layer, --model-view)
 //   dma_inspector --random --lk 2048 ...   random inputs of any shape
@@ -128,8 +129,19 @@ int main(int argc, char** argv) {
   app.add_option("--width", width, "Window width")->check(CLI::Range(320, 8192));
   app.add_option("--height", height, "Window height")->check(CLI::Range(240, 8192));
   app.add_option("--assets", assets_dir, "Folder holding example/ (default: the source tree's)");
+  std::string example_name = "example";
+  app.add_option("--example", example_name, "Built-in example: example (planted structure, the "
+                 "default) or mqar (assets/mqar: a 2-layer DMA model trained on MQAR, opened as --in)")
+      ->check(CLI::IsMember({"example", "mqar"}));
   CLI11_PARSE(app, argc, argv);
   if (assets_dir.empty()) assets_dir = default_assets_dir(argv[0]);
+  if (example_name == "mqar") {  // a model folder shipped in assets/: open it as --in does
+    if (!in_dir.empty()) {
+      std::fprintf(stderr, "dma_inspector: --example mqar and --in exclude each other\n");
+      return 2;
+    }
+    in_dir = assets_dir + "/mqar";
+  }
 
   // Data first: a bad --in is an error before any window appears.
   std::shared_ptr<const dv::BundleData> example, bundle;

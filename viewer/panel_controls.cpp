@@ -81,7 +81,9 @@ void panel_controls(InspectorState& st) {
   ImGui::EndDisabled();
   help_marker("assets/example: B=1, Hq=4, Hkv=2, Hd=4, Lq=Lk=256, D=64, made by\n"
               "assets/make_example.cpp. Some keys carry a strong signal in v, so their\n"
-              "delta is high and they stay kept for a long time (vertical stripes).");
+              "delta is high and they stay kept for a long time (vertical stripes).\n"
+              "Also built in: --example mqar, a 2-layer model trained with DMA on\n"
+              "associative recall (assets/mqar), opened as a model (--in).");
   ImGui::BeginDisabled(!st.bundle);
   ImGui::RadioButton("bundle (--in)", &source, static_cast<int>(Source::bundle));
   ImGui::EndDisabled();
