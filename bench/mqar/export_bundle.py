@@ -85,7 +85,7 @@ def load_model(path):
         raise SystemExit(f"export: {path} is a {cfg['attention']} model; export a DMA one")
     model = MQARModel(cfg["n_filler"] + cfg["n_keys"] + cfg["n_values"], "dma",
                       d_model=cfg["d_model"], n_layers=cfg["layers"], n_heads=cfg["heads"],
-                      window=cfg["window"])
+                      window=cfg["window"], form=cfg.get("form", "exp"))
     model.load_state_dict(ck["model"])
     return model.float().eval(), cfg
 
@@ -148,7 +148,8 @@ def readme(meta, note):
         f"{env.get('device_name', '?')} (torch {env.get('torch', '?')}, commit "
         f"{str(env.get('commit', '?'))[:12]}, {env.get('date', '?')}).",
         f"- Its test accuracy ({c['eval_sequences']} held-out sequences): {pct(run.get('test'), 'all')} "
-        f"at L ({pct(run.get('test'), 'far')} on queries w or more back), "
+        f"at L ({pct(run.get('test'), 'far')} on the far queries, more than layers x (w - 1) "
+        f"= {c['layers'] * (c['window'] - 1)} back), "
         f"{pct(run.get('test_2x'), 'all')} at 2L ({pct(run.get('test_2x'), 'far')}).",
         f"- The sequence: test split, batch {seq['batch_index']} row {seq['row']}, {seq['seq_len']} "
         f"tokens: {seq['pairs']} key-value pairs, then {seq['queries']} queries among filler; the "

@@ -103,10 +103,10 @@ def _complete(rng, cfg, keys, values):
     """The rest of n sequences whose pairs are drawn: which pairs are queried, where, and the filler."""
     n, P = keys.shape
     Q, L = cfg.n_queries, cfg.seq_len
-    asked = rng.random((n, P)).argsort(axis=1)[:, :Q]                  # (n, Q) which pairs, in order
-    # Q distinct places g of the rest, drawn one after the other with probability ~ (g + 1)^(POWER - 1)
-    # among the places not yet taken (numpy's choice(replace=False, p=...), as Zoology draws them):
-    # a draw that hits a taken place is drawn again.
+    asked = rng.random((n, P)).argsort(axis=1)[:, :Q]                # (n, Q) which pairs, in order
+    # Q distinct places g of the rest, drawn one after the other with probability ~ (g+1)^(POWER-1)
+    # among the places not yet taken (numpy's choice(replace=False, p=...), as Zoology draws
+    # them): a draw that hits a taken place is drawn again.
     rest = L - 2 * P
     cdf = np.cumsum(np.arange(1, rest + 1) ** (POWER - 1.0))
     cdf /= cdf[-1]

@@ -9,8 +9,9 @@ rotary embeddings on q and k (half-split, base 10000), n_heads heads of d_model 
     swa    sliding window: the same op with a banded boolean mask, each query attends to its w
            most recent keys (itself included): j <= i and i - j < w. Dense work, exact result.
     dma    the project's layer, dma_torch.DynamicMaskAttention (rope=True): each query keeps the w
-           keys of largest delta among its prefix, delta = exp(a * softplus(v . w_dt)), and delta
-           is added to the kept logits. With a = 0 it is exactly the swa layer (docs/design.md
+           keys of largest delta among its prefix, delta = exp(a * softplus(v . w_dt)) (form
+           "exp", the paper's) or a * softplus(v . w_dt) (form "linear"), and delta is added to
+           the kept logits. With a = 0 it is exactly the swa layer in either form (docs/design.md
            §1.2, "all delta equal"), which test_mqar.py checks weight for weight.
 
 swa and dma get the same w. On CUDA the model runs under bf16 autocast (the dma layer's kernels
@@ -87,17 +88,14 @@ class SDPAAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
 
 
-def make_attention(kind, d_model, n_heads, window):
+def make_attention(kind, d_model, n_heads, window, form="exp"):
     if kind == "dense":
         return SDPAAttention(d_model, n_heads)
     if kind == "swa":
         return SDPAAttention(d_model, n_heads, window)
     if kind == "dma":
         from dma_torch import DynamicMaskAttention  # the project's layer (needs the built package)
-        # The linear form delta = a softplus(z) (the paper implementation's choice for stability):
-        # with the exp form the first H200 sweep's L = 512 run overflowed (non-finite loss).
-        return DynamicMaskAttention(d_model, n_heads, n_heads, window=window, rope=True,
-                                    form="linear")
+        return DynamicMaskAttention(d_model, n_heads, n_heads, window=window, rope=True, form=form)
     raise ValueError(f"attention: expected one of {ATTENTIONS}, got {kind!r}")
 
 
@@ -116,12 +114,13 @@ class Block(nn.Module):
 class MQARModel(nn.Module):
     """tokens (B, L) int64 -> logits (B, L, vocab)."""
 
-    def __init__(self, vocab_size, kind, d_model=128, n_layers=2, n_heads=2, window=64, mlp_ratio=4):
+    def __init__(self, vocab_size, kind, d_model=64, n_layers=2, n_heads=1, window=32, mlp_ratio=4,
+                 form="exp"):
         super().__init__()
         self.kind = kind
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(make_attention(kind, d_model, n_heads, window), d_model,
-                                          mlp_ratio) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(make_attention(kind, d_model, n_heads, window, form),
+                                          d_model, mlp_ratio) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
 

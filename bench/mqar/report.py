@@ -35,8 +35,8 @@ def status(r):
 
 
 def table(runs):
-    lines = ["| L | w | attention | steps | ms / step | test acc. % at L | far (>= w) | "
-             "test acc. % at 2L | far (>= w) | status |",
+    lines = ["| L | w | attention | steps | ms / step | test acc. % at L | far | "
+             "test acc. % at 2L | far | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, t, t2 = r["config"], r.get("test") or {}, r.get("test_2x") or {}
@@ -92,7 +92,7 @@ def plot(runs, path):
                 line, = ax.plot(*zip(*pts), "o-", label=LABEL[att])
                 if far:
                     ax.plot(*zip(*far), "x--", color=line.get_color(), alpha=0.7,
-                            label=f"{att}: far queries (>= w)")
+                            label=f"{att}: far queries")
         length_axis(ax)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("accuracy")
@@ -123,17 +123,21 @@ def write_report(results):
     runs = load_runs(results)
     out = os.path.join(results, "summary.md")
     c = runs[0]["config"] if runs else {}
+    c_dma = next((r["config"] for r in runs if r["config"]["attention"] == "dma"), {})
     text = ["# MQAR sweep", ""]
     if runs:
         text += [f"Task: {c['pairs']} key-value pairs at the start, {c['queries']} queries in the rest "
                  f"(place g after the pairs with probability ~ 1/(g+1), so about half are near their "
                  f"value and the others anywhere up to the end); keys {c['n_keys']}, values "
                  f"{c['n_values']}, filler {c['n_filler']} tokens. "
-                 f"Model: {c['layers']} layers, d_model {c['d_model']}, {c['heads']} heads; "
+                 f"Model: {c['layers']} layers, d_model {c['d_model']}, {c['heads']} "
+                 f"head{'s' if c['heads'] > 1 else ''}"
+                 f"{', DMA form ' + c_dma['form'] if c_dma.get('form') else ''}; "
                  f"batches of {c['batch']} sequences, AdamW lr {c['lr']}, the same steps for every "
                  f"attention of a length (the table); "
                  f"{c['eval_sequences']} test sequences per length. 'far': queries whose value lies "
-                 f"w or more positions back (out of a sliding window's reach).", ""]
+                 f"more than layers x (w - 1) = {c['layers'] * (c['window'] - 1)} positions back, out "
+                 f"of reach of the stacked sliding windows (nearer ones they can answer).", ""]
     text += [table(runs), "", "Runs:", "", environments(runs), ""]
     with open(out, "w") as f:
         f.write("\n".join(text))

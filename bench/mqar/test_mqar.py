@@ -51,6 +51,22 @@ def test_sequences_have_the_mqar_layout():
         assert filler.sum() == L - 2 * P - Q
 
 
+def test_query_places_are_drawn_as_zoology_draws_them():
+    """Place g after the pairs with probability ~ (g + 1)^(POWER - 1), without replacement: the
+    same distribution as numpy's choice(replace=False, p=...), so over half the queries are early."""
+    t = gen.TaskConfig(seq_len=256, n_pairs=8, n_queries=8)
+    rest = t.seq_len - 2 * t.n_pairs
+    g = np.concatenate([np.flatnonzero(r == gen.QUERY) - 2 * t.n_pairs
+                        for i in range(40) for r in gen.batch(t, "train", 0, i, 64).roles])
+    p = np.arange(1, rest + 1) ** (gen.POWER - 1.0)
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.choice(rest, t.n_queries, replace=False, p=p / p.sum())
+                          for _ in range(2560)])
+    for share in (lambda x: np.mean(x == 0), lambda x: np.mean(x < 32), lambda x: np.mean(x >= 128)):
+        assert abs(share(g) - share(ref)) < 0.015
+    assert 0.5 < np.mean(g < 32) < 0.7
+
+
 def test_seeds_reproduce_and_a_smaller_batch_is_a_prefix():
     a = gen.batch(CFG, "train", 5, 7, 20)
     b = gen.batch(CFG, "train", 5, 7, 20)
@@ -189,6 +205,34 @@ def test_a_run_cut_by_the_budget_resumes_where_it_stopped(tmp_path, capsys):
     a = torch.load(os.path.join(whole, "models", "L0032_dma.pt"))["model"]
     b = torch.load(os.path.join(cut, "models", "L0032_dma.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_step_is_replayed_skipped_and_recorded(tmp_path, monkeypatch, capsys):
+    """A batch that makes the loss non-finite (here: the model's output turns to NaN on the batch
+    of step index 3) is found by the replay from the last log point and skipped; the run goes on."""
+    cfg_args = QUICK + ["--attentions", "dense", "--steps", "6"]
+    a = train.parse_args(cfg_args)
+    cfg = train.run_config(a, 32, "dense", 6)
+    bad = torch.from_numpy(gen.batch(train.task(cfg), "train", cfg["seed"], 3, cfg["batch"]).tokens)
+    build = train.build_model
+
+    def poisoned(cfg, device):
+        model = build(cfg, device)
+        model.register_forward_hook(
+            lambda m, inp, out: out * float("nan") if torch.equal(inp[0], bad) else out)
+        return model
+
+    monkeypatch.setattr(train, "build_model", poisoned)
+    results = str(tmp_path / "nan")
+    assert train.main(cfg_args + ["--results", results]) == 0
+    assert "replaying them one at a time" in capsys.readouterr().out
+    with open(os.path.join(results, "runs", "L0032_dense.json")) as f:
+        rec = json.load(f)
+    assert rec["status"] == "done" and rec["steps_done"] == 6
+    assert rec["skipped_steps"] == [[4, "non-finite loss"]]
+    assert all(np.isfinite(loss) for _, loss in rec["curve"])
+    with open(os.path.join(results, "summary.md")) as f:
+        assert "done (1 non-finite step skipped)" in f.read()
 
 
 # ---- the exported model bundle ------------------------------------------------------------------

@@ -65,11 +65,11 @@ MAX_SKIPPED = 10         # non-finite steps a run may skip before it counts as f
 # The default sweep (sized for one command of about 7 minutes on one H200: README.md, "The task"
 # says why these settings) and the --quick one (seconds on a CPU, for the tests).
 FULL = dict(lengths=[256, 1024], window=32, pairs=8, queries=8, d_model=64, heads=1,
-            layers=2, steps="auto", batch=64, lr=3e-3, warmup=200, weight_decay=0.1,
+            layers=2, form="exp", steps="auto", batch=64, lr=3e-3, warmup=200, weight_decay=0.1,
             eval_sequences=512, eval_batch=64, log_every=50, budget_seconds=400.0)
-QUICK = dict(lengths=[64], window=16, pairs=4, queries=3, d_model=64, heads=1, layers=2, steps=6,
-             batch=4, lr=2e-3, warmup=2, weight_decay=0.1, eval_sequences=8, eval_batch=4,
-             log_every=2, budget_seconds=120.0)
+QUICK = dict(lengths=[64], window=16, pairs=4, queries=3, d_model=64, heads=1, layers=2,
+             form="exp", steps=6, batch=4, lr=2e-3, warmup=2, weight_decay=0.1, eval_sequences=8,
+             eval_batch=4, log_every=2, budget_seconds=120.0)
 
 
 def parse_args(argv=None):
@@ -82,8 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--lengths", help="training lengths, comma separated (default 256,1024)")
     ap.add_argument("--attentions", default=",".join(ATTENTIONS), help="default dense,swa,dma")
     for name, kind in (("window", int), ("pairs", int), ("queries", int), ("d_model", int),
-                       ("heads", int), ("layers", int), ("steps", str), ("batch", int),
-                       ("lr", float), ("warmup", int), ("weight_decay", float),
+                       ("heads", int), ("layers", int), ("form", str), ("steps", str),
+                       ("batch", int), ("lr", float), ("warmup", int), ("weight_decay", float),
                        ("eval_sequences", int), ("eval_batch", int), ("log_every", int)):
         ap.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
                         help=f"default {FULL[name]} (--quick: {QUICK[name]})")
@@ -108,6 +108,8 @@ def parse_args(argv=None):
     a.attentions = [x for x in a.attentions.split(",") if x]
     if a.export_length is None:
         a.export_length = a.lengths[0]
+    if a.form not in ("exp", "linear"):
+        ap.error(f"--form: expected exp or linear (the dma layer's delta), got {a.form!r}")
     if a.steps != "auto" and not str(a.steps).isdigit():
         ap.error(f"--steps: expected a number or 'auto', got {a.steps!r}")
     for x in a.attentions:
@@ -124,14 +126,18 @@ def parse_args(argv=None):
 # ---- one run ------------------------------------------------------------------------------------
 
 def run_config(a, L, attention, steps):
-    """Everything that defines a run; a stored run with another configuration is run again."""
-    return dict(seq_len=L, attention=attention, window=a.window, pairs=a.pairs, queries=a.queries,
-                n_keys=64, n_values=64, n_filler=32, d_model=a.d_model, heads=a.heads,
-                layers=a.layers, steps=steps, batch=a.batch, lr=a.lr,
-                warmup=min(a.warmup, max(1, steps // 10)),
-                weight_decay=a.weight_decay, eval_sequences=a.eval_sequences,
-                eval_batch=a.eval_batch, log_every=a.log_every, seed=a.seed,
-                device_type=torch.device(a.device).type)
+    """Everything that defines a run; a stored run with another configuration is run again.
+    `form` (the dma layer's delta) is part of the dma runs' configuration only."""
+    cfg = dict(seq_len=L, attention=attention, window=a.window, pairs=a.pairs, queries=a.queries,
+               n_keys=64, n_values=64, n_filler=32, d_model=a.d_model, heads=a.heads,
+               layers=a.layers, steps=steps, batch=a.batch, lr=a.lr,
+               warmup=min(a.warmup, max(1, steps // 10)),
+               weight_decay=a.weight_decay, eval_sequences=a.eval_sequences,
+               eval_batch=a.eval_batch, log_every=a.log_every, seed=a.seed,
+               device_type=torch.device(a.device).type)
+    if attention == "dma":
+        cfg["form"] = a.form
+    return cfg
 
 
 def run_id(L, attention):
@@ -147,7 +153,8 @@ def task(cfg, seq_len=None):
 def build_model(cfg, device):
     torch.manual_seed(cfg["seed"])
     return MQARModel(task(cfg).vocab_size, cfg["attention"], d_model=cfg["d_model"],
-                     n_layers=cfg["layers"], n_heads=cfg["heads"], window=cfg["window"]).to(device)
+                     n_layers=cfg["layers"], n_heads=cfg["heads"], window=cfg["window"],
+                     form=cfg.get("form", "exp")).to(device)
 
 
 def lr_at(cfg, step):
@@ -237,11 +244,18 @@ class Prefetcher:
         self.stopped = True
 
 
+def reach(cfg):
+    """How far back a stack of sliding windows sees: layer 1 at position m reads m - (w-1) .. m, so
+    layer n at p reads back to p - n(w-1). A query whose value lies further back than this is out
+    of reach of the swa model (of any window of w per layer)."""
+    return cfg["layers"] * (cfg["window"] - 1)
+
+
 @torch.no_grad()
 def evaluate(model, cfg, seq_len, device):
     """Accuracy of the argmax prediction at the query positions of test sequences: all queries,
-    and split by the distance from the query to its value (near: < w, within a sliding window's
-    reach; far: >= w)."""
+    and split by the distance d from the query to its value: near, d <= reach(cfg) (a stack of
+    sliding windows can see the value: with w = 32 and 2 layers, d <= 62), and far, beyond it."""
     model.eval()
     t = task(cfg, seq_len)
     correct = {"all": 0, "near": 0, "far": 0}
@@ -255,13 +269,13 @@ def evaluate(model, cfg, seq_len, device):
             pred = model(x).argmax(-1)                                 # (B, L)
         hit = (pred == y).cpu().numpy()
         scored = b.targets != gen.IGNORE
-        far = scored & (b.distance >= cfg["window"])
+        far = scored & (b.distance > reach(cfg))
         for k, sel in (("all", scored), ("near", scored & ~far), ("far", far)):
             correct[k] += int(hit[sel].sum())
             count[k] += int(sel.sum())
     model.train()
     return {k: (correct[k] / count[k] if count[k] else None) for k in correct} | \
-        {"queries": count["all"], "far_queries": count["far"]}
+        {"queries": count["all"], "far_queries": count["far"], "far_beyond": reach(cfg)}
 
 
 def train_run(a, cfg, paths, deadline, env):
@@ -348,7 +362,7 @@ def train_run(a, cfg, paths, deadline, env):
         record["test"] = evaluate(model, cfg, cfg["seq_len"], device)
         record["test_2x"] = evaluate(model, cfg, 2 * cfg["seq_len"], device)
         record["eval_seconds"] = round(time.monotonic() - t_eval, 2)
-        if cfg["attention"] == "dma":  # the learnt a per layer (delta = exp(a softplus(z))): a diagnostic
+        if cfg["attention"] == "dma":  # the learnt a per layer (delta = f(a softplus(z))): a diagnostic
             record["dma_a"] = [[round(float(x), 4) for x in blk.attn.a] for blk in model.blocks]
         os.makedirs(os.path.dirname(paths["model"]), exist_ok=True)
         torch.save({"config": cfg, "model": {k: v.cpu() for k, v in model.state_dict().items()}},
