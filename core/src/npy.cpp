@@ -156,15 +156,6 @@ NpyArray parse_npy(const unsigned char* bytes, size_t size, const std::string& n
   if (reader.fortran_order())
     throw Error(name + ": Fortran-order arrays are not supported; save with np.ascontiguousarray");
   a.shape = reader.shape();
-  // The element count must fit in int64 even when a zero dimension makes it 0: numel() and the
-  // callers multiply the dimensions in order.
-  int64_t count = 1;
-  for (int64_t d : a.shape) {
-    if (d == 0) continue;
-    if (count > std::numeric_limits<int64_t>::max() / d)
-      throw Error(name + ": npy shape is absurdly large (its element count overflows int64)");
-    count *= d;
-  }
   // The size the header claims, checked for overflow and against the file before allocating.
   const size_t available = size - data_at;
   size_t expected = dtype_size(a.dtype);
@@ -179,6 +170,15 @@ NpyArray parse_npy(const unsigned char* bytes, size_t size, const std::string& n
   if (expected != available)
     throw Error(name + ": data size mismatch: header says " + std::to_string(expected) +
                 " bytes, file holds " + std::to_string(available));
+  // The element count must fit in int64 also when a zero dimension makes the array empty and the
+  // size guard above passes: numel() and the callers multiply the dimensions in order.
+  int64_t count = 1;
+  for (int64_t d : a.shape) {
+    if (d == 0) continue;
+    if (count > std::numeric_limits<int64_t>::max() / d)
+      throw Error(name + ": npy shape is absurdly large (its element count overflows int64)");
+    count *= d;
+  }
   a.data.assign(bytes + data_at, bytes + size);
   return a;
 }
