@@ -18,8 +18,10 @@
 #include "heatmap.hpp"
 #include "inspector.hpp"
 #include "panels.hpp"
+#include "test_viewer_context.hpp"
 
 using namespace dma::viewer;
+
 
 namespace {
 
@@ -38,20 +40,7 @@ struct FakeTextures : TextureUploader {
   void destroy(ImTextureID) override { --live; }
 };
 
-// One ImGui context for a test, with a built font atlas and a 1600 x 1000 display.
-struct Context {
-  Context() {
-    ImGui::CreateContext();
-    ImGuiIO& io = ImGui::GetIO();
-    io.IniFilename = nullptr;
-    io.DisplaySize = ImVec2(1600, 1000);
-    unsigned char* pixels = nullptr;
-    int w = 0, h = 0;
-    io.Fonts->GetTexDataAsRGBA32(&pixels, &w, &h);
-    io.Fonts->SetTexID(reinterpret_cast<ImTextureID>(intptr_t{999}));
-  }
-  ~Context() { ImGui::DestroyContext(); }
-};
+using Context = dma_test::ImGuiContextForTest;
 
 // One frame with the mouse at (x, y), the left button down or not.
 void frame(InspectorState& st, float x, float y, bool down = false) {

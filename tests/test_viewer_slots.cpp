@@ -13,9 +13,11 @@
 #include "dma/tiled.hpp"
 #include "inspector.hpp"
 #include "panels.hpp"
+#include "test_viewer_context.hpp"
 #include "tiles.hpp"
 
 using namespace dma::viewer;
+
 
 namespace {
 
@@ -44,19 +46,7 @@ struct FakeTextures : TextureUploader {
   void destroy(ImTextureID) override {}
 };
 
-struct Context {
-  Context() {
-    ImGui::CreateContext();
-    ImGuiIO& io = ImGui::GetIO();
-    io.IniFilename = nullptr;
-    io.DisplaySize = ImVec2(1600, 1000);
-    unsigned char* pixels = nullptr;
-    int w = 0, h = 0;
-    io.Fonts->GetTexDataAsRGBA32(&pixels, &w, &h);
-    io.Fonts->SetTexID(reinterpret_cast<ImTextureID>(intptr_t{999}));
-  }
-  ~Context() { ImGui::DestroyContext(); }
-};
+using Context = dma_test::ImGuiContextForTest;
 
 void frame(InspectorState& st, float x, float y) {
   ImGuiIO& io = ImGui::GetIO();
