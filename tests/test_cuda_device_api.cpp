@@ -23,12 +23,9 @@ namespace dc = dma::cuda;
 
 using dma_test::DeviceMem;
 using dma_test::as_elems;
+using dma_test::bitwise_equal;
 using dma_test::to_host;
 
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
 // All buffers of one problem, owned by the test as a model would own them.
 struct Buffers {

@@ -51,12 +51,9 @@ using dma::Form;
 using dma::Precision;
 using dma_test::DeviceMem;
 using dma_test::as_elems;
+using dma_test::bitwise_equal;
 using dma_test::to_host;
 
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 bool all_finite(const std::vector<float>& x) {
   for (float e : x)
     if (!std::isfinite(e)) return false;

@@ -19,6 +19,7 @@ namespace {
 
 namespace dc = dma::cuda;
 using dma_test::DeviceMem;
+using dma_test::bitwise_equal;
 using dma_test::to_host;
 
 struct TableCase {
@@ -125,16 +126,13 @@ TEST_SUITE("cuda") {
       const dma::Result<float> first = dc::run_pipeline(p, dma::Precision::bf16);
       for (int rep = 0; rep < 3; ++rep) {
         const dma::Result<float> again = dc::run_pipeline(p, dma::Precision::bf16);
-        auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
-          return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
-        };
-        CHECK(same(again.grads.dq, first.grads.dq));
-        CHECK(same(again.grads.dk, first.grads.dk));
-        CHECK(same(again.grads.ddelta, first.grads.ddelta));
-        CHECK(same(again.grads.dv, first.grads.dv));
+        CHECK(bitwise_equal(again.grads.dq, first.grads.dq));
+        CHECK(bitwise_equal(again.grads.dk, first.grads.dk));
+        CHECK(bitwise_equal(again.grads.ddelta, first.grads.ddelta));
+        CHECK(bitwise_equal(again.grads.dv, first.grads.dv));
         if (!dt.delta_given) {
-          CHECK(same(again.dw_dt, first.dw_dt));
-          CHECK(same(again.da, first.da));
+          CHECK(bitwise_equal(again.dw_dt, first.dw_dt));
+          CHECK(bitwise_equal(again.da, first.da));
         }
       }
     }

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <cuda_runtime_api.h>
@@ -42,6 +43,12 @@ inline std::vector<uint16_t> as_elems(const std::vector<float>& x, dma::Precisio
   bits.reserve(x.size());
   for (float e : x) bits.push_back(p == dma::Precision::fp16 ? dma::to_fp16_bits(e) : dma::to_bf16_bits(e));
   return bits;
+}
+
+// Same size and the same bytes (float compares would call -0 and +0 equal and NaN unequal).
+template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 template <typename T>
