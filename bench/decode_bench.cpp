@@ -135,6 +135,7 @@ int main(int argc, char** argv) {
       try {
         Mem cache_mem(dc::cache_bytes(c)), workspace(dc::step_workspace_bytes(c)), status(8);
         const dc::DeviceCache cache = dc::cache_in(c, cache_mem.ptr);
+        dc::reset_cache(c, cache, nullptr);  // then count, length and the entries are set below
         upload(cache.k, random_elems(size_t(B * Hd * w * D), a.fp16, rng));
         upload(cache.v, random_elems(size_t(B * Hd * w * D), a.fp16, rng));
         std::vector<float> cached_delta(size_t(B * Hd * w));

@@ -561,13 +561,16 @@ class CudaDecodeCacheObject {
     return c;
   }
 
-  // w_dt, a, delta: any floating type on the cache's device, as contiguous float32.
+  // w_dt, a, delta: any floating type on the cache's device, as contiguous float32, 16-byte
+  // aligned (the step loads w_dt 16 bytes at a time).
   at::Tensor float_tensor(const at::Tensor& t, const char* name, const std::vector<int64_t>& sizes) const {
     if (t.device() != device_ || !at::isFloatingType(t.scalar_type()))
       throw dma::Error(std::string(name) + ": a " + c10::toString(t.scalar_type()) + " tensor on " +
                        t.device().str() + "; the cache takes floating tensors on " + device_.str());
     check_sizes(t, name, sizes);
-    return t.to(at::kFloat).contiguous();
+    at::Tensor c = t.to(at::kFloat).contiguous();
+    if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+    return c;
   }
 
   // n elements of the cache memory at p, as a tensor that shares it.

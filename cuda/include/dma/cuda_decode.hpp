@@ -7,9 +7,10 @@
 //             and evict_of(mask_state)) -> the cache: { j < P : e_j >= P-1 }
 //   step      one new token per active sequence: delta from its values, eviction of the lowest
 //             ranked entry (smallest delta, on a tie the oldest position; maybe the newcomer), and
-//             attention over the survivors for every query head -> o, lse. Two launches: a fused
-//             kernel (delta, eviction, split-K attention over the w slots for all query heads of a
-//             delta head) and a small combine that also writes the new entry into the cache.
+//             attention over the survivors for every query head -> o, lse. One launch: delta,
+//             eviction and a split-K attention over the w slots for all query heads of a delta
+//             head; the last block of each delta head to finish merges the splits and writes the
+//             new entry into the cache.
 //
 // Cache layout (one allocation, cache_bytes(), carved by cache_in(); 256-byte aligned pieces):
 //   k, v    (B,Hd,w,D)  elem (bf16 or fp16)   slot s of (b,hd) holds the key/value of position
@@ -17,6 +18,7 @@
 //   pos     (B,Hd,w)    int32                 in position order (a new key takes the slot of
 //   count   (B,Hd)      int32                 the one it evicts)
 //   length  (B)         int32                 tokens seen: the next token's position
+//   arrivals (B,Hd)+(B) int32                 the step's block counters; 0 between steps
 // With Hd = Hkv, (b,hd) holds kv head hd; with Hd = Hq, each query head has its own set and k, v
 // of its kv head are stored once per query head. Every reduction accumulates in float32.
 #pragma once
@@ -46,13 +48,15 @@ struct DeviceCache {
   int32_t* pos = nullptr;    // (B,Hd,w)
   int32_t* count = nullptr;  // (B,Hd)
   int32_t* length = nullptr; // (B)
+  int32_t* arrivals = nullptr;  // (B*Hd + B): zeroed by reset_cache, left zeroed by every step
 };
 
 size_t cache_bytes(const DecodeConfig& c);               // the whole cache, all B sequences
 size_t cache_bytes_per_sequence(const DecodeConfig& c);  // what one more sequence costs
 DeviceCache cache_in(const DecodeConfig& c, void* memory);  // carves cache_bytes(c) at memory
 
-// Every sequence empty (count = length = 0), or one sequence b.
+// Every sequence empty (count = length = 0), or one sequence b. A new cache needs reset_cache
+// before its first step (it also zeroes the arrival counters).
 void reset_cache(const DecodeConfig& c, const DeviceCache& cache, Stream stream);
 void reset_sequence(const DecodeConfig& c, const DeviceCache& cache, int64_t b, Stream stream);
 
@@ -64,6 +68,7 @@ void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int
              const void* k, const void* v, const float* delta, const int32_t* evict, Stream stream);
 
 struct StepBuffers {
+  // q, k, v and w_dt 16-byte aligned (the kernel loads 16 bytes at a time)
   const void* q = nullptr;           // (B,Hq,D) elem: one new token per sequence
   const void* k = nullptr;           // (B,Hkv,D) elem
   const void* v = nullptr;           // (B,Hkv,D) elem
@@ -80,7 +85,7 @@ struct StepBuffers {
                                      // float32 range / log2(e); kept across steps until reset
 };
 
-// Scratch one step needs (partial softmax states of the split-K attention, the eviction decision).
+// Scratch one step needs (the partial softmax states of the split-K attention); not kept.
 size_t step_workspace_bytes(const DecodeConfig& c);
 
 // The step at position length[b] of every active sequence b. A (b,hd) whose new delta is flagged
