@@ -67,7 +67,9 @@ int main(int argc, char** argv) {
   const double dominant = static_cast<double>(most) / (static_cast<double>(w) * h);
   std::printf("%s: %d x %d, %zu colours, the commonest covers %.1f%%\n", out.c_str(), w, h,
               colours.size(), 100.0 * dominant);
-  if (w != 1600 || h != 1000 || colours.size() < 64 || dominant > 0.9) {
+  // A blank or failed frame has a handful of colours; the sparsest real view (the model view of
+  // a 2-layer, 1-head model: two small heatmaps and text) has about 60.
+  if (w != 1600 || h != 1000 || colours.size() < 32 || dominant > 0.9) {
     std::printf("FAIL: the screenshot looks blank\n");
     return 1;
   }
