@@ -32,12 +32,13 @@ Dims make_dims(const Config& c) {
   if (s.Lq >= kMax || s.Lk >= kMax || s.Hq > 65535 || s.B * s.Hd > 65535 || s.B > 65535)
     throw dma::Error("shape: too large for the CUDA backend (Lq, Lk < 2^30; Hq, B*Hd, B <= 65535)");
   // Some kernels index rows with 32-bit ints and launch 32 threads per row (B*Hq*Lq query rows,
-  // B*Lk key rows), and element indices of q, k, v stay below 2^31.
+  // B*Lk key rows), and the dynamic-weights kernels index k and v with 32-bit offsets. Offsets
+  // into q, do, o and dq are 64-bit (tests/test_cuda_large.cpp: 2.46e9 elements).
   constexpr int64_t kMaxRows = int64_t{1} << 26, kMaxElems = int64_t{1} << 31;
   if (s.B * s.Hq * s.Lq >= kMaxRows || s.B * s.Lk * std::max(s.Hd, s.Hkv) >= kMaxRows ||
-      s.q_numel() >= kMaxElems || s.kv_numel() >= kMaxElems)
+      s.kv_numel() >= kMaxElems)
     throw dma::Error("shape: too large for the CUDA backend's 32-bit indexing (B*Hq*Lq and "
-                     "B*Lk*max(Hd,Hkv) < 2^26, q and k/v < 2^31 elements); split the batch");
+                     "B*Lk*max(Hd,Hkv) < 2^26, k and v < 2^31 elements); split the batch");
   const double scale = c.opt.softmax_scale(s);
   if (!(scale > 0) || !std::isfinite(static_cast<float>(scale)))
     throw dma::Error("scale: " + std::to_string(scale) + " is not a positive float32");
