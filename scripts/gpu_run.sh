@@ -24,11 +24,12 @@ case "$mode" in
 build)
   set -e
   cmake -S . -B build-cuda -DCMAKE_CUDA_ARCHITECTURES=90 -DDMA_WITH_VIEWER=OFF >/dev/null
-  cmake --build build-cuda -j2 --target test_cuda dma_bench decode_bench dma_fwd_lab \
+  cmake --build build-cuda -j2 --target test_cuda dma_bench decode_bench dma_fwd_lab dma_bwd_lab \
     tutorial_08_cuda_kernel
   rm -rf "$BIN" && mkdir -p "$BIN"
   cp build-cuda/tests/test_cuda build-cuda/bench/dma_bench build-cuda/bench/decode_bench \
-     build-cuda/cuda/dev/dma_fwd_lab build-cuda/tutorials/tutorial_08_cuda_kernel "$BIN"/
+     build-cuda/cuda/dev/dma_fwd_lab build-cuda/cuda/dev/dma_bwd_lab \
+     build-cuda/tutorials/tutorial_08_cuda_kernel "$BIN"/
   git rev-parse HEAD > "$BIN/COMMIT" 2>/dev/null || true
   git status --porcelain -- core cuda tests/cuda.cmake 'tests/test_cuda*' bench scripts > "$BIN/DIRTY" || true
   du -sh "$BIN"
@@ -57,10 +58,12 @@ device)
   fi
   if [[ $what == lab || $what == all ]]; then
     # the kernel ladder (cuda/dev/) at 16K, then tutorial 08
-    for version in 1 2; do
-      echo "== dma_fwd_lab $version"
-      "$BIN/dma_fwd_lab" $version --L 16384 2>&1 | tee "$OUT/lab_v$version.log" | tail -3
-      rc=$((rc | ${PIPESTATUS[0]}))
+    for lab in fwd bwd; do
+      for version in 1 2; do
+        echo "== dma_${lab}_lab $version"
+        "$BIN/dma_${lab}_lab" $version --L 16384 2>&1 | tee "$OUT/lab_${lab}_v$version.log" | tail -3
+        rc=$((rc | ${PIPESTATUS[0]}))
+      done
     done
     "$BIN/tutorial_08_cuda_kernel" > "$OUT/tutorial_08.log" 2>&1; s=$?
     echo "== tutorial 08: $(tail -1 "$OUT/tutorial_08.log") (exit $s)"; rc=$((rc | s))

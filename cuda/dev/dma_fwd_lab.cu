@@ -37,72 +37,16 @@
 // Layouts (docs/design.md §1): q, o (B,Hq,Lq,D); k, v (B,Hkv,Lk,D); delta, evict (B,Hd,Lk);
 // lse (B,Hq,Lq). Query head hq reads kv head hq / (Hq/Hkv) and delta head hq / (Hq/Hd).
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
 
-#include <CLI/CLI.hpp>
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <string>
-#include <vector>
-
-#include "dma/cuda.hpp"
-#include "dma/mask_rule.hpp"
-#include "dma/numerics.hpp"
-#include "dma/pipeline.hpp"
+#include "lab.hpp"
 
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr dma::Precision kPrecision = dma::Precision::bf16;
+using lab::DeviceArray;
+using lab::kPrecision;
 constexpr double kRelL2Bar = 1e-2;     // o and lse, relative L2 (docs/design.md §5)
 constexpr double kWorstRowBar = 5e-2;  // the worst row of o: bf16 P in P V gives ~1e-2 at worst
-
-// ---- CUDA plumbing ---------------------------------------------------------------------------
-
-void cuda_check(cudaError_t err, const char* what, int line) {
-  if (err != cudaSuccess)
-    throw dma::Error(std::string("CUDA error in ") + what + " (dma_fwd_lab.cu:" +
-                     std::to_string(line) + "): " + cudaGetErrorString(err));
-}
-#define CUDA_CHECK(call) cuda_check((call), #call, __LINE__)
-
-template <typename T>
-std::vector<T> copy_to_host(const void* dev, size_t n) {
-  std::vector<T> host(n);
-  CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
-
-// n elements of T on the device, freed on scope exit.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) { CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T))); }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) {
-    CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() { cudaFree(ptr_); }
-  T* get() const { return ptr_; }
-  size_t size() const { return n_; }
-  size_t bytes() const { return n_ * sizeof(T); }
-  std::vector<T> download() const { return copy_to_host<T>(ptr_, n_); }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_ = 0;
-};
-
-// The bits the GPU reads: each value rounded to bf16 (the same values dma::round_to_precision
-// gives the reference).
-std::vector<uint16_t> bf16_bits(const std::vector<float>& x) {
-  std::vector<uint16_t> bits(x.size());
-  for (size_t n = 0; n < x.size(); ++n) bits[n] = dma::to_bf16_bits(x[n]);
-  return bits;
-}
 
 // A problem on the device as every version finds it: q, k, v in bf16, delta and the mask state
 // already built by the device API (the phases before the forward), o and lse to be written.
@@ -115,9 +59,9 @@ struct DeviceProblem {
 
   explicit DeviceProblem(const dma::Problem<float>& p)
       : c{p.shape, p.opt, kPrecision},
-        q(bf16_bits(p.q)),
-        k(bf16_bits(p.k)),
-        v(bf16_bits(p.v)),
+        q(lab::bf16_bits(p.q)),
+        k(lab::bf16_bits(p.k)),
+        v(lab::bf16_bits(p.v)),
         delta(static_cast<size_t>(p.shape.delta_numel())),
         mask_state(dma::cuda::mask_state_bytes(c)),
         o(static_cast<size_t>(p.shape.q_numel())),
@@ -133,16 +77,15 @@ struct DeviceProblem {
     dma::cuda::check_status(c, status.get(), nullptr);
     dma::cuda::build_mask(c, delta.get(), mask_state.get(), workspace.get(), workspace.size(),
                           nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
+    LAB_CUDA_CHECK(cudaDeviceSynchronize());
   }
   const int32_t* evict() const { return dma::cuda::evict_of(mask_state.get()); }
   std::vector<int32_t> download_evict() const {
-    return copy_to_host<int32_t>(evict(), static_cast<size_t>(c.shape.delta_numel()));
+    return lab::copy_to_host<int32_t>(evict(), static_cast<size_t>(c.shape.delta_numel()));
   }
-  // NaN in every element (0xffffffff is a NaN): what a kernel leaves unwritten stays NaN.
   void poison_outputs() const {
-    CUDA_CHECK(cudaMemset(o.get(), 0xff, o.bytes()));
-    CUDA_CHECK(cudaMemset(lse.get(), 0xff, lse.bytes()));
+    o.poison();
+    lse.poison();
   }
 };
 
@@ -240,7 +183,7 @@ void forward_v1(const DeviceProblem& dp) {
     forward_v1_kernel<128><<<blocks, kV1Threads>>>(a);
   else
     throw dma::Error("v1: D = " + std::to_string(s.D) + " (v1 is built for D = 64 and 128)");
-  CUDA_CHECK(cudaGetLastError());
+  LAB_CUDA_CHECK(cudaGetLastError());
 }
 
 // ==== v2: the production kernel ===============================================================
@@ -261,7 +204,7 @@ void forward_v1(const DeviceProblem& dp) {
 void forward_v2(const DeviceProblem& dp) {
   dma::cuda::attention_forward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
                                dp.mask_state.get(), dp.o.get(), dp.lse.get(), nullptr);
-  CUDA_CHECK(cudaGetLastError());
+  LAB_CUDA_CHECK(cudaGetLastError());
 }
 
 // ==== the ladder =============================================================================
@@ -278,66 +221,13 @@ constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
 
 // ---- validation ------------------------------------------------------------------------------
 
-struct Case {
-  const char* name;
-  dma::Shape s;
-  dma::Options opt;
-};
-
-// Small problems with lengths that are multiples of no tile size: GQA, both delta-head layouts,
-// causal with Lq = Lk and Lq < Lk (queries aligned bottom-right), non-causal.
-std::vector<Case> validation_cases(int64_t D) {
-  dma::Options causal;
-  causal.window = 128;
-  dma::Options full = causal;
-  full.causal = false;
-  //             B  Hq Hkv Hd  Lq    Lk    D
-  return {{"causal", {1, 4, 2, 2, 1000, 1000, D}, causal},
-          {"non-causal, Hd = Hq", {1, 4, 2, 4, 1000, 1000, D}, full},
-          {"causal, Lq < Lk", {1, 4, 2, 2, 257, 1000, D}, causal}};
-}
-
-std::vector<double> widen(const std::vector<float>& x) { return {x.begin(), x.end()}; }
-
-std::string shape_string(const dma::Shape& s, const dma::Options& opt) {
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "B=%lld Hq=%lld Hkv=%lld Hd=%lld Lq=%lld Lk=%lld D=%lld w=%lld %s",
-                (long long)s.B, (long long)s.Hq, (long long)s.Hkv, (long long)s.Hd,
-                (long long)s.Lq, (long long)s.Lk, (long long)s.D, (long long)opt.window,
-                opt.causal ? "causal" : "non-causal");
-  return buf;
-}
-
-// Elements still holding the NaN poison: not written by the kernel (or computed as NaN).
-int64_t count_nan(const std::vector<float>& x) {
-  return std::count_if(x.begin(), x.end(), [](float e) { return std::isnan(e); });
-}
-
-// One output against the reference, llm.c style: a few (got, ref) pairs, the largest difference,
-// then the measures that decide: relative L2 over the tensor and over its worst row (of `row`
-// elements), and no element left unwritten.
-bool report(const char* name, const std::vector<float>& got, const std::vector<double>& ref,
-            int64_t row, double worst_bar) {
-  double maxdiff = 0;
-  for (size_t n = 0; n < ref.size(); ++n)
-    if (!std::isnan(got[n])) maxdiff = std::max(maxdiff, std::abs(double(got[n]) - ref[n]));
-  const int64_t unwritten = count_nan(got);
-  const double rel = dma::rel_l2(got, ref), worst = dma::worst_row_rel_l2(got, ref, row);
-  std::printf("    %-3s (got, ref):", name);
-  for (const size_t n : {size_t(0), size_t(1), ref.size() / 2, ref.size() - 1})
-    std::printf(" (%.6f, %.6f)", got[n], ref[n]);
-  std::printf("\n        rel L2 %.2e (bar %.0e), worst row %.2e (bar %.0e), maxdiff %.2e, "
-              "unwritten %lld\n", rel, kRelL2Bar, worst, worst_bar, maxdiff, (long long)unwritten);
-  return unwritten == 0 && rel <= kRelL2Bar && worst <= worst_bar;
-}
-
-bool validate_case(const Version& v, const Case& cs, uint64_t seed) {
-  std::printf("  %s: %s\n", cs.name, shape_string(cs.s, cs.opt).c_str());
+bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
+  std::printf("  %s: %s\n", cs.name, lab::shape_string(cs.s, cs.opt).c_str());
   const dma::Problem<float> p = dma::random_problem<float>(cs.s, cs.opt, seed, false);
   const DeviceProblem dp(p);
   dp.poison_outputs();
   v.run(dp);
-  CUDA_CHECK(cudaDeviceSynchronize());
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> o = dp.o.download(), lse = dp.lse.download(), delta = dp.delta.download();
   const std::vector<int32_t> evict = dp.download_evict();
 
@@ -346,18 +236,18 @@ bool validate_case(const Version& v, const Case& cs, uint64_t seed) {
   dma::Problem<double> ref;
   ref.shape = cs.s;
   ref.opt = cs.opt;
-  ref.q = widen(dma::round_to_precision(p.q, kPrecision));
-  ref.k = widen(dma::round_to_precision(p.k, kPrecision));
-  ref.v = widen(dma::round_to_precision(p.v, kPrecision));
-  ref.delta = widen(delta);
+  ref.q = lab::widen(dma::round_to_precision(p.q, kPrecision));
+  ref.k = lab::widen(dma::round_to_precision(p.k, kPrecision));
+  ref.v = lab::widen(dma::round_to_precision(p.v, kPrecision));
+  ref.delta = lab::widen(delta);
   const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
 
   int64_t evict_diff = 0;
   for (size_t n = 0; n < evict.size(); ++n) evict_diff += int64_t(evict[n]) != r.evict[n];
   std::printf("    evict: %lld of %zu differ from the reference's\n", (long long)evict_diff,
               evict.size());
-  const bool ok_o = report("o", o, r.fwd.o, cs.s.D, kWorstRowBar);
-  const bool ok_lse = report("lse", lse, r.fwd.lse, cs.s.Lq, kRelL2Bar);
+  const bool ok_o = lab::report("o", o, r.fwd.o, cs.s.D, kRelL2Bar, kWorstRowBar);
+  const bool ok_lse = lab::report("lse", lse, r.fwd.lse, cs.s.Lq, kRelL2Bar, kRelL2Bar);
   const bool ok = evict_diff == 0 && ok_o && ok_lse;
   std::printf("    %s\n", ok ? "OK" : "MISMATCH");
   return ok;
@@ -365,55 +255,15 @@ bool validate_case(const Version& v, const Case& cs, uint64_t seed) {
 
 // ---- timing ----------------------------------------------------------------------------------
 
-// Kept (query, key) pairs summed over (b, hq): key j is kept by the positions [j, e_j] that are
-// query positions. Causal: one query per position p_0..p_{Lq-1}; non-causal: all Lq at Lk - 1.
-double kept_pairs(const dma::Shape& s, bool causal, const std::vector<int32_t>& evict) {
-  const int64_t p_lo = dma::query_position(s, causal, 0);
-  const int64_t p_hi = dma::query_position(s, causal, s.Lq - 1);
-  double pairs = 0;
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t hq = 0; hq < s.Hq; ++hq) {
-      const int32_t* evict_bh = &evict[(b * s.Hd + s.delta_head(hq)) * s.Lk];
-      for (int64_t j = 0; j < s.Lk; ++j)
-        pairs += double(dma::rule::kept_positions<int64_t>(j, evict_bh[j], p_lo, p_hi));
-    }
-  return causal ? pairs : pairs * double(s.Lq);
-}
-
-struct Timing {
-  double median_ms, min_ms, max_ms;
-};
-
-// Each of `reps` runs timed alone with CUDA events, after `warmup` untimed runs.
-Timing time_version(const Version& v, const DeviceProblem& dp, int warmup, int reps) {
-  for (int r = 0; r < warmup; ++r) v.run(dp);
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> ms(static_cast<size_t>(reps));
-  for (float& t : ms) {
-    CUDA_CHECK(cudaEventRecord(start));
-    v.run(dp);
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  const size_t n = ms.size();
-  return {0.5 * (double(ms[(n - 1) / 2]) + double(ms[n / 2])), double(ms.front()), double(ms.back())};
-}
-
 bool time_problem(int version, const Version& v, const dma::Shape& s, const dma::Options& opt,
                   uint64_t seed, int warmup, int reps) {
-  std::printf("timing: %s, %d runs after %d warm-up runs\n", shape_string(s, opt).c_str(), reps,
+  std::printf("timing: %s, %d runs after %d warm-up runs\n", lab::shape_string(s, opt).c_str(), reps,
               warmup);
   const DeviceProblem dp(dma::random_problem<float>(s, opt, seed, false));
   dp.poison_outputs();
-  const Timing t = time_version(v, dp, warmup, reps);
-  const int64_t unwritten = count_nan(dp.o.download()) + count_nan(dp.lse.download());
-  const double pairs = kept_pairs(s, opt.causal, dp.download_evict());
+  const lab::Timing t = lab::time_runs([&] { v.run(dp); }, warmup, reps);
+  const int64_t unwritten = lab::count_nan(dp.o.download()) + lab::count_nan(dp.lse.download());
+  const double pairs = lab::kept_pairs(s, opt.causal, dp.download_evict());
   const double flops = 4.0 * double(s.D) * pairs;
   std::printf("  kept pairs %.4g (%.1f per query), %.4g GFLOP at 4*D per pair\n", pairs,
               pairs / double(s.B * s.Hq * s.Lq), flops * 1e-9);
@@ -426,39 +276,19 @@ bool time_problem(int version, const Version& v, const dma::Shape& s, const dma:
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Runs DMA forward kernel version N, validates it against the float64 reference "
-               "and times it (cuda/dev/README.md)."};
-  int version = 0, reps = 20, warmup = 3;
-  int64_t B = 1, L = 4096, w = 512, Hq = 16, Hkv = 8, Hd = 0, D = 128;
-  bool non_causal = false;
-  uint64_t seed = 1;
-  app.add_option("N", version, "kernel version: 1 = one thread per query row, 2 = production")
-      ->required()
-      ->check(CLI::Range(1, kNumVersions));
-  app.add_option("--L", L, "queries = keys of the timed problem")->check(CLI::PositiveNumber);
-  app.add_option("--w", w, "window: keys kept per query")->check(CLI::PositiveNumber);
-  app.add_option("--Hq", Hq, "query heads")->check(CLI::PositiveNumber);
-  app.add_option("--Hkv", Hkv, "key/value heads (Hq % Hkv == 0)")->check(CLI::PositiveNumber);
-  app.add_option("--Hd", Hd, "heads of the dynamic weights: Hkv or Hq (default Hkv)");
-  app.add_option("--D", D, "head dim (64 or 128)")->check(CLI::PositiveNumber);
-  app.add_option("--B", B, "batch")->check(CLI::PositiveNumber);
-  app.add_option("--reps", reps, "timed runs (the median is reported)")->check(CLI::PositiveNumber);
-  app.add_option("--warmup", warmup, "untimed runs before them")->check(CLI::NonNegativeNumber);
-  app.add_flag("--non-causal", non_causal, "every query sees every key (timed problem)");
-  app.add_option("--seed", seed, "seed of the random inputs");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;  // --help: 0
-  }
-
-  const dma::Shape shape{B, Hq, Hkv, Hd == 0 ? Hkv : Hd, L, L, D};
-  dma::Options opt;
-  opt.window = w;
-  opt.causal = !non_causal;
+  lab::Args args;
+  const int status = lab::parse_args(
+      argc, argv, "Runs DMA forward kernel version N, validates it against the float64 reference "
+                  "and times it (cuda/dev/README.md).",
+      "kernel version: 1 = one thread per query row, 2 = production", kNumVersions, args);
+  if (status >= 0) return status;
+  const int version = args.version;
+  const int64_t D = args.D;
+  const dma::Shape shape = args.shape();
+  const dma::Options opt = args.options();
   try {  // what the kernels cannot run is a bad argument; this needs no device
     dma::cuda::check_config({shape, opt, kPrecision});
-    for (const Case& cs : validation_cases(D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
+    for (const lab::Case& cs : lab::validation_cases(D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
   } catch (const dma::Error& e) {
     std::fprintf(stderr, "dma_fwd_lab: %s\n", e.what());
     return 2;
@@ -472,17 +302,17 @@ int main(int argc, char** argv) {
   const Version& v = kVersions[version - 1];
   try {
     cudaDeviceProp prop;
-    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("dma_fwd_lab v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", version, v.what,
-                prop.name, prop.major, prop.minor, (unsigned long long)seed);
+                prop.name, prop.major, prop.minor, (unsigned long long)args.seed);
     std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");
     bool ok = true;
-    for (const Case& cs : validation_cases(D)) ok = validate_case(v, cs, seed) && ok;
+    for (const lab::Case& cs : lab::validation_cases(D)) ok = validate_case(v, cs, args.seed) && ok;
     if (!ok) {
       std::printf("FAIL: v%d does not match the reference\n", version);
       return 1;
     }
-    if (!time_problem(version, v, shape, opt, seed, warmup, reps)) {
+    if (!time_problem(version, v, shape, opt, args.seed, args.warmup, args.reps)) {
       std::printf("FAIL: v%d left outputs of the timed problem unwritten\n", version);
       return 1;
     }

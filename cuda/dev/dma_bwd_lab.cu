@@ -1,0 +1,379 @@
+// dma_bwd_lab: the DMA attention backward, one rung of the ladder at a time (as dma_fwd_lab for
+// the forward; cuda/dev/README.md).
+//
+//   dma_bwd_lab N [--L 4096 --w 512 --Hq 16 --Hkv 8 --Hd <Hkv> --D 128 --B 1 --reps 20
+//                  --warmup 3 --non-causal --seed 1]
+//
+// runs backward kernel version N: dq, dk, dv, ddelta from q, k, v, delta, the mask state, o, lse
+// (the production forward's) and do.
+//   1. validates it on small problems against the float64 reference (docs/design.md §5): inputs
+//      from dma::random_problem rounded to bf16, delta and the mask state from the device API,
+//      the reference dma::run_pipeline<double> given that delta. The outputs are poisoned with
+//      NaN first and every element must be written; dq, dk, dv, ddelta within relative L2 2e-2;
+//      the keys no query keeps get exactly zero dk, dv and ddelta;
+//   2. times it on the problem of the flags, as TFLOP/s on the kept pairs: 10*D flops per kept
+//      pair (q.k and do.v recomputed, dv += p do, dk += ds q, dq += ds k), bench/dma_bench's count.
+// Exit status: 0 pass, 1 a failed validation (or a CUDA error), 2 a bad argument, 77 no usable
+// CUDA device.
+//
+// ==== MEASURED ON THE H200 ===================================================================
+// `build-cuda-bin/dma_bwd_lab N --L 16384` (2026-12-01, NVIDIA H200): B=1, Lq=Lk=16384, w=512,
+// Hq=16, Hkv=8, Hd=8, D=128, causal, bf16 inputs, fp32 accumulation; median of 20 runs after 3.
+//   version  what it adds                                          median ms, TFLOP/s (kept pairs)
+//   v1       a thread per query row for dq, a thread per key for   see cuda/dev/README.md
+//            dk, dv, ddelta; fp32 on CUDA cores, global loads
+//   v2       production (cuda/src/backward.cu): dq over the tile   see cuda/dev/README.md
+//            lists, dk dv ddelta by alive slots, mma.sync; no atomics
+// ==============================================================================================
+//
+// Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,
+// evict, ddelta (B,Hd,Lk); lse (B,Hq,Lq). Query head hq reads kv head hq / (Hq/Hkv) and delta head
+// hq / (Hq/Hd).
+#include <cuda_bf16.h>
+
+#include "lab.hpp"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+using lab::DeviceArray;
+using lab::kPrecision;
+constexpr double kRelL2Bar = 2e-2;  // dq, dk, dv, ddelta: bf16 P and dS in the products (§5)
+
+// A problem on the device as every version finds it: the inputs in bf16, delta, the mask state,
+// o and lse from the production phases, do; dq, dk, dv, ddelta to be written.
+struct DeviceProblem {
+  dma::cuda::Config c;
+  DeviceArray<uint16_t> q, k, v, dout;  // bf16 bits
+  DeviceArray<float> delta;             // (B,Hd,Lk)
+  DeviceArray<uint8_t> mask_state;      // starts with evict (B,Hd,Lk) int32: e_j
+  DeviceArray<float> o, lse;            // the forward's
+  DeviceArray<float> dq, dk, dv, ddelta;
+  DeviceArray<uint8_t> workspace;
+  DeviceArray<float> dsum;              // (B,Hq,Lq) D_i for v1 (production keeps it in workspace)
+
+  explicit DeviceProblem(const dma::Problem<float>& p)
+      : c{p.shape, p.opt, kPrecision},
+        q(lab::bf16_bits(p.q)),
+        k(lab::bf16_bits(p.k)),
+        v(lab::bf16_bits(p.v)),
+        dout(lab::bf16_bits(p.dout)),
+        delta(static_cast<size_t>(p.shape.delta_numel())),
+        mask_state(dma::cuda::mask_state_bytes(c)),
+        o(static_cast<size_t>(p.shape.q_numel())),
+        lse(static_cast<size_t>(p.shape.lse_numel())),
+        dq(static_cast<size_t>(p.shape.q_numel())),
+        dk(static_cast<size_t>(p.shape.kv_numel())),
+        dv(static_cast<size_t>(p.shape.kv_numel())),
+        ddelta(static_cast<size_t>(p.shape.delta_numel())),
+        workspace(dma::cuda::workspace_bytes(c)),
+        dsum(static_cast<size_t>(p.shape.lse_numel())) {
+    const DeviceArray<float> w_dt(p.w_dt), a(p.a);
+    const DeviceArray<int64_t> status(1);
+    dma::cuda::reset_status(status.get(), nullptr);
+    dma::cuda::dynamic_weights(c, v.get(), w_dt.get(), a.get(), delta.get(), status.get(),
+                               workspace.get(), workspace.size(), nullptr);
+    dma::cuda::check_status(c, status.get(), nullptr);
+    dma::cuda::build_mask(c, delta.get(), mask_state.get(), workspace.get(), workspace.size(),
+                          nullptr);
+    dma::cuda::attention_forward(c, q.get(), k.get(), v.get(), delta.get(), mask_state.get(),
+                                 o.get(), lse.get(), nullptr);
+    LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  const int32_t* evict() const { return dma::cuda::evict_of(mask_state.get()); }
+  std::vector<int32_t> download_evict() const {
+    return lab::copy_to_host<int32_t>(evict(), static_cast<size_t>(c.shape.delta_numel()));
+  }
+  void poison_outputs() const {
+    dq.poison();
+    dk.poison();
+    dv.poison();
+    ddelta.poison();
+  }
+};
+
+// ==== v1: a thread per query row (dq), a thread per key (dk, dv, ddelta) ======================
+// The backward of docs/design.md §1.4 written out pair by pair, as the CPU reference does, with
+// the recomputation of FlashAttention: for a kept pair (i, j)
+//   p_ij  = exp(scale q_i.k_j + delta_j - lse_i)        (lse from the forward: no max pass)
+//   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - D_i),   D_i = do_i . o_i
+//   dq_i += ds_ij k_j,    dk_j += ds_ij q_i,   dv_j += p_ij do_i,   ddelta_j += ds_ij
+// (dq and dk times scale at the end). Masked pairs are skipped: their p_ij is exactly 0.
+//   - dsum_v1: D_i, a thread per row;
+//   - dq_v1: a thread per query row walks its keys j <= p_i, as forward v1 does;
+//   - dkdv_v1: a thread per (b, kv head, key j) walks every query of every query head of that kv
+//     head and keeps the pairs rule::is_kept admits; it owns dk_j, dv_j and the ddelta_j of the
+//     delta heads of its kv head, so nothing is summed by two threads (no atomics). Each thread
+//     tests all Lq queries: O(Lq Lk) tests, cheap next to the kept pairs' 10 D flops each.
+//   - fp32 on CUDA cores, bf16 read from global memory; a thread's D-float rows partly live in
+//     local memory at D = 128.
+
+constexpr int kV1Threads = 128;
+
+struct BwdArgs {
+  int B, Hq, Hkv, Hd, Lq, Lk;
+  bool causal;
+  float scale;
+  const bf16 *q, *k, *v, *dout;   // (B,Hq,Lq,D), (B,Hkv,Lk,D) x2, (B,Hq,Lq,D)
+  const float *delta, *o, *lse;   // (B,Hd,Lk), (B,Hq,Lq,D), (B,Hq,Lq)
+  const int32_t* evict;           // (B,Hd,Lk)
+  float* dsum;                    // (B,Hq,Lq): D_i
+  float *dq, *dk, *dv, *ddelta;
+};
+
+template <int D>
+__global__ void __launch_bounds__(kV1Threads) dsum_v1_kernel(const BwdArgs a) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= int64_t(a.B) * a.Hq * a.Lq) return;
+  float acc = 0.0f;
+  for (int d = 0; d < D; ++d) acc += __bfloat162float(a.dout[row * D + d]) * a.o[row * D + d];
+  a.dsum[row] = acc;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kV1Threads) dq_v1_kernel(const BwdArgs a) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (b*Hq + hq)*Lq + i
+  if (row >= int64_t(a.B) * a.Hq * a.Lq) return;
+  const int i = int(row % a.Lq), hq = int(row / a.Lq % a.Hq), b = int(row / a.Lq / a.Hq);
+  const int hk = hq / (a.Hq / a.Hkv), hd = hq / (a.Hq / a.Hd);
+  const int p_i = dma::rule::query_position(a.Lq, a.Lk, a.causal, i);
+  const bf16* k_bh = a.k + (int64_t(b) * a.Hkv + hk) * a.Lk * D;
+  const bf16* v_bh = a.v + (int64_t(b) * a.Hkv + hk) * a.Lk * D;
+  const float* delta_bh = a.delta + (int64_t(b) * a.Hd + hd) * a.Lk;
+  const int32_t* evict_bh = a.evict + (int64_t(b) * a.Hd + hd) * a.Lk;
+  float q_i[D], do_i[D], dq_i[D];
+  for (int d = 0; d < D; ++d) {
+    q_i[d] = __bfloat162float(a.q[row * D + d]);
+    do_i[d] = __bfloat162float(a.dout[row * D + d]);
+    dq_i[d] = 0.0f;
+  }
+  const float lse_i = a.lse[row], dsum_i = a.dsum[row];
+  for (int j = 0; j <= p_i; ++j) {
+    if (!dma::rule::is_kept(j, p_i, evict_bh[j])) continue;
+    float qk = 0.0f, dp = 0.0f;
+    for (int d = 0; d < D; ++d) {
+      qk += q_i[d] * __bfloat162float(k_bh[int64_t(j) * D + d]);
+      dp += do_i[d] * __bfloat162float(v_bh[int64_t(j) * D + d]);
+    }
+    const float p = expf(a.scale * qk + delta_bh[j] - lse_i), ds = p * (dp - dsum_i);
+    for (int d = 0; d < D; ++d) dq_i[d] += ds * __bfloat162float(k_bh[int64_t(j) * D + d]);
+  }
+  for (int d = 0; d < D; ++d) a.dq[row * D + d] = a.scale * dq_i[d];
+}
+
+template <int D>
+__global__ void __launch_bounds__(kV1Threads) dkdv_v1_kernel(const BwdArgs a) {
+  const int64_t krow = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (b*Hkv + hk)*Lk + j
+  if (krow >= int64_t(a.B) * a.Hkv * a.Lk) return;
+  const int j = int(krow % a.Lk), hk = int(krow / a.Lk % a.Hkv), b = int(krow / a.Lk / a.Hkv);
+  float k_j[D], v_j[D], dk_j[D], dv_j[D];
+  for (int d = 0; d < D; ++d) {
+    k_j[d] = __bfloat162float(a.k[krow * D + d]);
+    v_j[d] = __bfloat162float(a.v[krow * D + d]);
+    dk_j[d] = dv_j[d] = 0.0f;
+  }
+  // The delta heads of kv head hk (Hd = Hkv: hk itself; Hd = Hq: its query heads), and the query
+  // heads of each.
+  const int hd_per_kv = a.Hd / a.Hkv, hq_per_hd = a.Hq / a.Hd;
+  for (int hd = hk * hd_per_kv; hd < (hk + 1) * hd_per_kv; ++hd) {
+    const int64_t dj = (int64_t(b) * a.Hd + hd) * a.Lk + j;
+    const int e_j = a.evict[dj];
+    const float delta_j = a.delta[dj];
+    float dd = 0.0f;
+    for (int hq = hd * hq_per_hd; hq < (hd + 1) * hq_per_hd; ++hq)
+      for (int i = 0; i < a.Lq; ++i) {
+        if (!dma::rule::is_kept(j, dma::rule::query_position(a.Lq, a.Lk, a.causal, i), e_j)) continue;
+        const int64_t row = (int64_t(b) * a.Hq + hq) * a.Lq + i;
+        float qk = 0.0f, dp = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          qk += __bfloat162float(a.q[row * D + d]) * k_j[d];
+          dp += __bfloat162float(a.dout[row * D + d]) * v_j[d];
+        }
+        const float p = expf(a.scale * qk + delta_j - a.lse[row]), ds = p * (dp - a.dsum[row]);
+        for (int d = 0; d < D; ++d) {
+          dv_j[d] += p * __bfloat162float(a.dout[row * D + d]);
+          dk_j[d] += ds * __bfloat162float(a.q[row * D + d]);
+        }
+        dd += ds;
+      }
+    a.ddelta[dj] = dd;
+  }
+  for (int d = 0; d < D; ++d) {
+    a.dk[krow * D + d] = a.scale * dk_j[d];
+    a.dv[krow * D + d] = dv_j[d];
+  }
+}
+
+void backward_v1(const DeviceProblem& dp) {
+  const dma::Shape& s = dp.c.shape;
+  const BwdArgs a{int(s.B), int(s.Hq), int(s.Hkv), int(s.Hd), int(s.Lq), int(s.Lk),
+                  dp.c.opt.causal, float(dp.c.opt.softmax_scale(s)),
+                  reinterpret_cast<const bf16*>(dp.q.get()), reinterpret_cast<const bf16*>(dp.k.get()),
+                  reinterpret_cast<const bf16*>(dp.v.get()), reinterpret_cast<const bf16*>(dp.dout.get()),
+                  dp.delta.get(), dp.o.get(), dp.lse.get(), dp.evict(), dp.dsum.get(),
+                  dp.dq.get(), dp.dk.get(), dp.dv.get(), dp.ddelta.get()};
+  const unsigned q_blocks = unsigned((s.B * s.Hq * s.Lq + kV1Threads - 1) / kV1Threads);
+  const unsigned k_blocks = unsigned((s.B * s.Hkv * s.Lk + kV1Threads - 1) / kV1Threads);
+  if (s.D == 64) {
+    dsum_v1_kernel<64><<<q_blocks, kV1Threads>>>(a);
+    dq_v1_kernel<64><<<q_blocks, kV1Threads>>>(a);
+    dkdv_v1_kernel<64><<<k_blocks, kV1Threads>>>(a);
+  } else if (s.D == 128) {
+    dsum_v1_kernel<128><<<q_blocks, kV1Threads>>>(a);
+    dq_v1_kernel<128><<<q_blocks, kV1Threads>>>(a);
+    dkdv_v1_kernel<128><<<k_blocks, kV1Threads>>>(a);
+  } else {
+    throw dma::Error("v1: D = " + std::to_string(s.D) + " (v1 is built for D = 64 and 128)");
+  }
+  LAB_CUDA_CHECK(cudaGetLastError());
+}
+
+// ==== v2: the production kernels =============================================================
+// dma::cuda::attention_backward (cuda/src/backward.cu). What it adds to v1:
+//   - dq_kernel: query tiles of 128 rows (8 warps x 16), the tile's candidate list from the mask
+//     phase, gathered K/V tiles with cp.async double buffering, S, dP and dQ on the tensor cores
+//     (mma.sync m16n8k16), the mask in registers;
+//   - dkdv_kernel: key-major over the alive slots of the candidate tables (docs/design.md §2.9): a
+//     block owns 64 slots; while a key lives in a slot its K, V rows stay in shared memory and its
+//     dK, dV (and ddelta) in registers, summed over every query tile and every query head of the
+//     delta head that keep it, written once when the key leaves. Q and dO come in sub-tiles of 32
+//     queries, double-buffered; S^T, dP^T, dV and dK on the tensor cores;
+//   - no atomics anywhere: every output bitwise reproducible; Hd > Hkv sums per-delta-head
+//     partials in head order.
+
+void backward_v2(const DeviceProblem& dp) {
+  dma::cuda::attention_backward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
+                                dp.mask_state.get(), dp.o.get(), dp.lse.get(), dp.dout.get(),
+                                dp.dq.get(), dp.dk.get(), dp.dv.get(), dp.ddelta.get(),
+                                dp.workspace.get(), dp.workspace.size(), nullptr);
+  LAB_CUDA_CHECK(cudaGetLastError());
+}
+
+// ==== the ladder =============================================================================
+
+struct Version {
+  const char* what;
+  void (*run)(const DeviceProblem&);  // enqueues the backward on the legacy default stream
+};
+const Version kVersions[] = {
+    {"a thread per query row (dq) and per key (dk, dv, ddelta), fp32 on CUDA cores", backward_v1},
+    {"production: dq over the tile lists, dk dv ddelta by alive slots, mma.sync, no atomics",
+     backward_v2},
+};
+constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
+
+// ---- validation ------------------------------------------------------------------------------
+
+bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
+  std::printf("  %s: %s\n", cs.name, lab::shape_string(cs.s, cs.opt).c_str());
+  const dma::Problem<float> p = dma::random_problem<float>(cs.s, cs.opt, seed, true);
+  const DeviceProblem dp(p);
+  dp.poison_outputs();
+  v.run(dp);
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> dq = dp.dq.download(), dk = dp.dk.download(), dv = dp.dv.download(),
+                           ddelta = dp.ddelta.download(), delta = dp.delta.download();
+
+  // The float64 reference on the same bf16 values, given the GPU's delta (so dv is attention's
+  // only: no gradient through delta's formula).
+  dma::Problem<double> ref;
+  ref.shape = cs.s;
+  ref.opt = cs.opt;
+  ref.q = lab::widen(dma::round_to_precision(p.q, kPrecision));
+  ref.k = lab::widen(dma::round_to_precision(p.k, kPrecision));
+  ref.v = lab::widen(dma::round_to_precision(p.v, kPrecision));
+  ref.dout = lab::widen(dma::round_to_precision(p.dout, kPrecision));
+  ref.delta = lab::widen(delta);
+  const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
+
+  // Keys whose reference gradients are all exactly zero (no query keeps them) must get zeros.
+  int64_t unkept = 0, not_zero = 0;
+  const int64_t D = cs.s.D;
+  for (int64_t row = 0; row < cs.s.B * cs.s.Hkv * cs.s.Lk; ++row) {
+    bool zero = true;
+    for (int64_t d = 0; d < D && zero; ++d) zero = r.grads.dk[row * D + d] == 0 && r.grads.dv[row * D + d] == 0;
+    if (!zero) continue;
+    ++unkept;
+    for (int64_t d = 0; d < D; ++d) not_zero += dk[row * D + d] != 0.0f || dv[row * D + d] != 0.0f;
+  }
+  for (size_t n = 0; n < ddelta.size(); ++n) not_zero += r.grads.ddelta[n] == 0 && ddelta[n] != 0.0f;
+  std::printf("    kv rows no query keeps: %lld; nonzero gradients there: %lld\n", (long long)unkept,
+              (long long)not_zero);
+  const bool ok_dq = lab::report("dq", dq, r.grads.dq, D, kRelL2Bar, 0);
+  const bool ok_dk = lab::report("dk", dk, r.grads.dk, D, kRelL2Bar, 0);
+  const bool ok_dv = lab::report("dv", dv, r.grads.dv, D, kRelL2Bar, 0);
+  const bool ok_dd = lab::report("ddelta", ddelta, r.grads.ddelta, cs.s.Lk, kRelL2Bar, 0);
+  const bool ok = not_zero == 0 && ok_dq && ok_dk && ok_dv && ok_dd;
+  std::printf("    %s\n", ok ? "OK" : "MISMATCH");
+  return ok;
+}
+
+// ---- timing ----------------------------------------------------------------------------------
+
+bool time_problem(int version, const Version& v, const dma::Shape& s, const dma::Options& opt,
+                  uint64_t seed, int warmup, int reps) {
+  std::printf("timing: %s, %d runs after %d warm-up runs\n", lab::shape_string(s, opt).c_str(), reps,
+              warmup);
+  const DeviceProblem dp(dma::random_problem<float>(s, opt, seed, true));
+  dp.poison_outputs();
+  const lab::Timing t = lab::time_runs([&] { v.run(dp); }, warmup, reps);
+  const int64_t unwritten = lab::count_nan(dp.dq.download()) + lab::count_nan(dp.dk.download()) +
+                            lab::count_nan(dp.dv.download()) + lab::count_nan(dp.ddelta.download());
+  const double pairs = lab::kept_pairs(s, opt.causal, dp.download_evict());
+  const double flops = 10.0 * double(s.D) * pairs;
+  std::printf("  kept pairs %.4g (%.1f per query), %.4g GFLOP at 10*D per pair\n", pairs,
+              pairs / double(s.B * s.Hq * s.Lq), flops * 1e-9);
+  std::printf("  v%d: %.3f ms median (min %.3f, max %.3f), %.1f TFLOP/s; unwritten outputs %lld\n",
+              version, t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) * 1e-12,
+              (long long)unwritten);
+  return unwritten == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lab::Args args;
+  const int status = lab::parse_args(
+      argc, argv, "Runs DMA backward kernel version N, validates it against the float64 reference "
+                  "and times it (cuda/dev/README.md).",
+      "kernel version: 1 = a thread per row and per key, 2 = production", kNumVersions, args);
+  if (status >= 0) return status;
+  const dma::Shape shape = args.shape();
+  const dma::Options opt = args.options();
+  try {  // what the kernels cannot run is a bad argument; this needs no device
+    dma::cuda::check_config({shape, opt, kPrecision});
+    for (const lab::Case& cs : lab::validation_cases(args.D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
+  } catch (const dma::Error& e) {
+    std::fprintf(stderr, "dma_bwd_lab: %s\n", e.what());
+    return 2;
+  }
+  std::string why;
+  if (!dma::cuda::device_available(&why)) {
+    std::printf("dma_bwd_lab: %s: nothing to run. SKIPPED\n", why.c_str());
+    return 77;
+  }
+
+  const Version& v = kVersions[args.version - 1];
+  try {
+    cudaDeviceProp prop;
+    LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("dma_bwd_lab v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", args.version, v.what,
+                prop.name, prop.major, prop.minor, (unsigned long long)args.seed);
+    std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");
+    bool ok = true;
+    for (const lab::Case& cs : lab::validation_cases(args.D)) ok = validate_case(v, cs, args.seed) && ok;
+    if (!ok) {
+      std::printf("FAIL: v%d does not match the reference\n", args.version);
+      return 1;
+    }
+    if (!time_problem(args.version, v, shape, opt, args.seed, args.warmup, args.reps)) {
+      std::printf("FAIL: v%d left outputs of the timed problem unwritten\n", args.version);
+      return 1;
+    }
+  } catch (const dma::Error& e) {
+    std::printf("dma_bwd_lab: %s\nFAIL\n", e.what());
+    return 1;
+  }
+  std::printf("PASS\n");
+  return 0;
+}
