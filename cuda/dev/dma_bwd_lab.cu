@@ -286,17 +286,30 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   ref.delta = lab::widen(delta);
   const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
 
-  // Keys whose reference gradients are all exactly zero (no query keeps them) must get zeros.
+  // Keys no query keeps (by the reference's evict and the mask rule) get exactly zero gradients:
+  // ddelta per delta head; dk and dv where no delta head of their kv head keeps them. (Not "where
+  // the reference is 0": a kept key's ddelta can cancel to exactly 0 in float64, e.g. when p = 1.)
+  const dma::Shape& s = cs.s;
+  const int64_t D = s.D;
   int64_t unkept = 0, not_zero = 0;
-  const int64_t D = cs.s.D;
-  for (int64_t row = 0; row < cs.s.B * cs.s.Hkv * cs.s.Lk; ++row) {
-    bool zero = true;
-    for (int64_t d = 0; d < D && zero; ++d) zero = r.grads.dk[row * D + d] == 0 && r.grads.dv[row * D + d] == 0;
-    if (!zero) continue;
-    ++unkept;
-    for (int64_t d = 0; d < D; ++d) not_zero += dk[row * D + d] != 0.0f || dv[row * D + d] != 0.0f;
-  }
-  for (size_t n = 0; n < ddelta.size(); ++n) not_zero += r.grads.ddelta[n] == 0 && ddelta[n] != 0.0f;
+  const int64_t q_lo = dma::query_position(s, cs.opt.causal, 0), q_hi = dma::query_position(s, cs.opt.causal, s.Lq - 1);
+  auto kept_by_any = [&](int64_t b, int64_t hd, int64_t j) {
+    return dma::rule::kept_positions<int64_t>(j, r.evict[size_t((b * s.Hd + hd) * s.Lk + j)], q_lo, q_hi) > 0;
+  };
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hk = 0; hk < s.Hkv; ++hk)
+      for (int64_t j = 0; j < s.Lk; ++j) {
+        bool any = false;
+        for (int64_t hd = hk * (s.Hd / s.Hkv); hd < (hk + 1) * (s.Hd / s.Hkv); ++hd) {
+          const bool kept = kept_by_any(b, hd, j);
+          any = any || kept;
+          if (!kept) not_zero += ddelta[size_t((b * s.Hd + hd) * s.Lk + j)] != 0.0f;
+        }
+        if (any) continue;
+        ++unkept;
+        const size_t row = size_t((b * s.Hkv + hk) * s.Lk + j) * size_t(D);
+        for (int64_t d = 0; d < D; ++d) not_zero += dk[row + d] != 0.0f || dv[row + d] != 0.0f;
+      }
   std::printf("    kv rows no query keeps: %lld; nonzero gradients there: %lld\n", (long long)unkept,
               (long long)not_zero);
   const bool ok_dq = lab::report("dq", dq, r.grads.dq, D, kRelL2Bar, 0);
