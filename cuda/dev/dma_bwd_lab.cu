@@ -17,13 +17,16 @@
 // CUDA device.
 //
 // ==== MEASURED ON THE H200 ===================================================================
-// `build-cuda-bin/dma_bwd_lab N --L 16384` (2026-12-01, NVIDIA H200): B=1, Lq=Lk=16384, w=512,
-// Hq=16, Hkv=8, Hd=8, D=128, causal, bf16 inputs, fp32 accumulation; median of 20 runs after 3.
+// `dma_bwd_lab N --L 16384` (2026-12-01, NVIDIA H200, driver 580.159.04, commit fd5fc02;
+// bench/results/tables_p1/lab_bwd/): B=1, Lq=Lk=16384, w=512, Hq=16, Hkv=8, Hd=8, D=128, causal,
+// bf16 inputs, fp32 accumulation; 1.32e8 kept pairs, 169 GFLOP at 10*D per pair.
 //   version  what it adds                                          median ms, TFLOP/s (kept pairs)
-//   v1       a thread per query row for dq, a thread per key for   see cuda/dev/README.md
+//   v1       a thread per query row for dq, a thread per key for   3001 ms, 0.056 TFLOP/s
 //            dk, dv, ddelta; fp32 on CUDA cores, global loads
-//   v2       production (cuda/src/backward.cu): dq over the tile   see cuda/dev/README.md
-//            lists, dk dv ddelta by alive slots, mma.sync; no atomics
+//   v2       production (cuda/src/backward.cu): dq over the tile   2.894 ms, 58 TFLOP/s (1037x v1)
+//            lists, dk dv ddelta by alive slots, mma.sync; no
+//            atomics (the figure is dma_bench's backward phase on
+//            the same shape, bench/results/tables_p1/grid_d128/)
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,
