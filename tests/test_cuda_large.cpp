@@ -1,6 +1,8 @@
 // A shape whose q, do, o and dq hold more than 2^31 elements: 16 query heads of 128 dims over
 // Lq = Lk = 1,200,007 tokens (2.46e9 elements; k and v hold half of it, below 2^31). Every offset
-// into the query-side tensors must be 64-bit; a 32-bit one wraps from head 11 on.
+// into the query-side tensors must be 64-bit: a signed 32-bit element offset wraps inside head 13
+// (at row 1,177,125), and heads 14 and 15 lie wholly past 2^31. (The whole of q stays below 2^32
+// elements, so an unsigned 32-bit offset would not be caught here.)
 //
 // How it is checked without a float64 reference at that length:
 //   - replicas: every pair of query heads (2k, 2k+1) gets the same q and do, every kv head the same

@@ -52,8 +52,8 @@ class DeviceArray {
   size_t size() const { return n_; }
   size_t bytes() const { return n_ * sizeof(T); }
   std::vector<T> download() const { return copy_to_host<T>(ptr_, n_); }
-  // NaN in every element of a float array (0xffffffff is a NaN): what a kernel leaves unwritten
-  // stays NaN.
+  // Every byte 0xff: as float32 every element is a NaN, so what a kernel leaves unwritten stays
+  // NaN (meant for the float outputs).
   void poison() const { LAB_CUDA_CHECK(cudaMemset(ptr_, 0xff, bytes())); }
 
  private:

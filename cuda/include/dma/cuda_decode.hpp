@@ -89,7 +89,10 @@ struct StepBuffers {
 size_t step_workspace_bytes(const DecodeConfig& c);
 
 // The step at position length[b] of every active sequence b. A (b,hd) whose new delta is flagged
-// in status is left unchanged and its query heads get o = 0, lse = 0; reset that sequence.
+// in status keeps its entries and its query heads get o = 0, lse = 0 (length[b] still advances);
+// reset that sequence. An inactive sequence gets o = 0, lse = 0, delta_out = 0, evicted = -1 and
+// is not changed. Steps on one cache are ordered on one stream: a step reads what the previous
+// one wrote.
 void step(const DecodeConfig& c, const DeviceCache& cache, const StepBuffers& s, void* workspace,
           size_t workspace_size, Stream stream);
 
