@@ -195,10 +195,15 @@ std::vector<T> row_dots(const Shape& s, const std::vector<T>& dout, const std::v
   return D_row;
 }
 
-// dense and skip: the forward's key blocks, dK, dV, ddelta added into place per block.
-template <typename T>
-void scatter_backward(const BackwardInputs<T>& in, const TileConfig& tc, AttentionGrads<T>& g,
-                      TileCounters& c) {
+// The query-major pass of the backward: for every query tile and each of its key blocks (the
+// forward's blocks, or with `tables` the tile's candidate list), P = exp(S - lse), exactly 0 on
+// masked pairs, and dS = P * (dP - D) with dP = dO V_blk^T; dQ is summed here and written once per
+// tile. `on_block(kv_off, blk, P, dS, Qi, dOi, ddelta_bh)` receives each block's P and dS for what
+// else it makes of them (dense and skip: dK, dV, ddelta; gather: nothing, its slot sweep did that).
+template <typename T, typename OnBlock>
+void query_tile_backward(const BackwardInputs<T>& in, const TileConfig& tc,
+                         const std::vector<CandidateTable>* tables, AttentionGrads<T>& g,
+                         TileCounters& c, OnBlock on_block) {
   const Shape& s = in.s;
   const T scale = static_cast<T>(in.opt.softmax_scale(s));
   for (int64_t b = 0; b < s.B; ++b)
@@ -214,36 +219,50 @@ void scatter_backward(const BackwardInputs<T>& in, const TileConfig& tc, Attenti
         const Vec<T> lse_i = CVecMap<T>(&in.fwd.lse[row0], t.rows);
         const Vec<T> D_i = CVecMap<T>(&in.D_row[row0], t.rows);
         Mat<T> dQi = Mat<T>::Zero(t.rows, s.D);
-
-        for (const auto& blk : key_blocks(s, in.opt, tc, t, nullptr, c)) {
+        const CandidateTable* table = tables ? &(*tables)[b * s.Hd + t.hd] : nullptr;
+        for (const auto& blk : key_blocks(s, in.opt, tc, t, table, c)) {
           const Mat<T> Kb = gather_rows(&in.k[kv_off], blk.keys, s.D);
           const Mat<T> Vb = gather_rows(&in.v[kv_off], blk.keys, s.D);
           // P = exp(S - lse): exactly 0 on masked pairs, so their ds and every gradient are 0
           Mat<T> P = masked_logits(s, in.opt, t, Qi, Kb, blk, delta_bh, c);
           for (int64_t r = 0; r < t.rows; ++r)
             for (int64_t cc = 0; cc < P.cols(); ++cc) P(r, cc) = std::exp(P(r, cc) - lse_i(r));
-          // o = P V          ->  dV_blk = P^T dO,  dP = dO V_blk^T
-          const Mat<T> dVb = P.transpose() * dOi;
+          // o = P V          ->  dP = dO V_blk^T
           const Mat<T> dP = dOi * Vb.transpose();
           // p = softmax(s)   ->  dS = P * (dP - D)
           const Mat<T> dS = (P.array() * (dP.colwise() - D_i).array()).matrix();
-          // s = scale q.k + delta -> dQ += scale dS K_blk, dK_blk = scale dS^T Q, ddelta += colsum dS
+          // s = scale q.k + delta -> dQ += scale dS K_blk
           dQi.noalias() += scale * (dS * Kb);
-          const Mat<T> dKb = scale * (dS.transpose() * Qi);
-          const Vec<T> dS_colsum = dS.colwise().sum().transpose();
-          for (size_t cc = 0; cc < blk.keys.size(); ++cc) {  // scatter back ("atomicAdd" on a GPU)
-            const int64_t j = blk.keys[cc];
-            const auto col = static_cast<int64_t>(cc);
-            for (int64_t d = 0; d < s.D; ++d) {
-              g.dk[kv_off + j * s.D + d] += dKb(col, d);
-              g.dv[kv_off + j * s.D + d] += dVb(col, d);
-            }
-            ddelta_bh[j] += dS_colsum(col);
-          }
+          on_block(kv_off, blk, P, dS, Qi, dOi, ddelta_bh);
         }
         for (int64_t r = 0; r < t.rows; ++r)
           for (int64_t d = 0; d < s.D; ++d) g.dq[(row0 + r) * s.D + d] = dQi(r, d);
       }
+}
+
+// dense and skip: the forward's key blocks, dK, dV, ddelta added into place per block.
+template <typename T>
+void scatter_backward(const BackwardInputs<T>& in, const TileConfig& tc, AttentionGrads<T>& g,
+                      TileCounters& c) {
+  const Shape& s = in.s;
+  const T scale = static_cast<T>(in.opt.softmax_scale(s));
+  query_tile_backward(in, tc, nullptr, g, c,
+                      [&](int64_t kv_off, const KeyBlock& blk, const Mat<T>& P, const Mat<T>& dS,
+                          const Mat<T>& Qi, const Mat<T>& dOi, T* ddelta_bh) {
+    // o = P V -> dV_blk = P^T dO;  s = scale q.k + delta -> dK_blk = scale dS^T Q, ddelta += colsum dS
+    const Mat<T> dVb = P.transpose() * dOi;
+    const Mat<T> dKb = scale * (dS.transpose() * Qi);
+    const Vec<T> dS_colsum = dS.colwise().sum().transpose();
+    for (size_t cc = 0; cc < blk.keys.size(); ++cc) {  // scatter back ("atomicAdd" on a GPU)
+      const int64_t j = blk.keys[cc];
+      const auto col = static_cast<int64_t>(cc);
+      for (int64_t d = 0; d < s.D; ++d) {
+        g.dk[kv_off + j * s.D + d] += dKb(col, d);
+        g.dv[kv_off + j * s.D + d] += dVb(col, d);
+      }
+      ddelta_bh[j] += dS_colsum(col);
+    }
+  });
 }
 
 // gather, step 1 for one (b, delta head): dk_bh, dv_bh (Lk, D) receive the dk, dv that the query
@@ -347,7 +366,6 @@ template <typename T>
 void slot_backward(const BackwardInputs<T>& in, const TileConfig& tc, AttentionGrads<T>& g,
                    TileCounters& c) {
   const Shape& s = in.s;
-  const T scale = static_cast<T>(in.opt.softmax_scale(s));
   const std::vector<CandidateTable> tables = candidate_tables(s, in.opt, tc.Bq, in.evict);
 
   // 1. dK, dV, ddelta by the slot sweep, per (b, delta head). With Hd = Hkv a delta head's query
@@ -369,31 +387,9 @@ void slot_backward(const BackwardInputs<T>& in, const TileConfig& tc, AttentionG
     }
 
   // 2. dQ, query-major over the forward's lists: S, P, dP, dS recomputed.
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t hq = 0; hq < s.Hq; ++hq)
-      for (int64_t i0 = 0; i0 < s.Lq; i0 += tc.Bq) {
-        const QueryTile t = make_tile(s, b, hq, i0, tc.Bq, in.evict);
-        const int64_t kv_off = (b * s.Hkv + t.hk) * s.Lk * s.D;
-        const int64_t row0 = (b * s.Hq + hq) * s.Lq + i0;
-        const T* delta_bh = &in.delta[(b * s.Hd + t.hd) * s.Lk];
-        const Mat<T> Qi = CMap<T>(&in.q[row0 * s.D], t.rows, s.D);
-        const Mat<T> dOi = CMap<T>(&in.dout[row0 * s.D], t.rows, s.D);
-        const Vec<T> lse_i = CVecMap<T>(&in.fwd.lse[row0], t.rows);
-        const Vec<T> D_i = CVecMap<T>(&in.D_row[row0], t.rows);
-        Mat<T> dQi = Mat<T>::Zero(t.rows, s.D);
-        for (const auto& blk : key_blocks(s, in.opt, tc, t, &tables[b * s.Hd + t.hd], c)) {
-          const Mat<T> Kb = gather_rows(&in.k[kv_off], blk.keys, s.D);
-          const Mat<T> Vb = gather_rows(&in.v[kv_off], blk.keys, s.D);
-          Mat<T> P = masked_logits(s, in.opt, t, Qi, Kb, blk, delta_bh, c);
-          for (int64_t r = 0; r < t.rows; ++r)
-            for (int64_t cc = 0; cc < P.cols(); ++cc) P(r, cc) = std::exp(P(r, cc) - lse_i(r));
-          const Mat<T> dP = dOi * Vb.transpose();
-          const Mat<T> dS = (P.array() * (dP.colwise() - D_i).array()).matrix();
-          dQi.noalias() += scale * (dS * Kb);
-        }
-        for (int64_t r = 0; r < t.rows; ++r)
-          for (int64_t d = 0; d < s.D; ++d) g.dq[(row0 + r) * s.D + d] = dQi(r, d);
-      }
+  query_tile_backward(in, tc, &tables, g, c,
+                      [](int64_t, const KeyBlock&, const Mat<T>&, const Mat<T>&, const Mat<T>&,
+                         const Mat<T>&, T*) {});
 
   // 3. Hd = Hq > Hkv: a kv head's dk, dv sum its delta heads' partials, in increasing hd.
   if (partials)
