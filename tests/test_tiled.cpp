@@ -52,6 +52,19 @@ int64_t ref_pairs_kept(const Result<double>& ref, const Shape& s) {
   return kept;
 }
 
+// Every output of two runs, bit for bit.
+template <typename T>
+void check_same_bits(const Result<T>& x, const Result<T>& y) {
+  CHECK(x.fwd.o == y.fwd.o);
+  CHECK(x.fwd.lse == y.fwd.lse);
+  CHECK(x.grads.dq == y.grads.dq);
+  CHECK(x.grads.dk == y.grads.dk);
+  CHECK(x.grads.dv == y.grads.dv);
+  CHECK(x.grads.ddelta == y.grads.ddelta);
+  CHECK(x.dw_dt == y.dw_dt);
+  CHECK(x.da == y.da);
+}
+
 }  // namespace
 
 TEST_SUITE("cpu") {
@@ -79,12 +92,7 @@ TEST_SUITE("cpu") {
       check_close(gather, ref, 1e-12);
       // Skipping leaves out tiles whose every p is exactly 0, with the order of summation of the
       // remaining tiles unchanged: the result is bitwise that of the dense tiled run.
-      CHECK(skip.fwd.o == dense.fwd.o);
-      CHECK(skip.fwd.lse == dense.fwd.lse);
-      CHECK(skip.grads.dq == dense.grads.dq);
-      CHECK(skip.grads.dk == dense.grads.dk);
-      CHECK(skip.grads.dv == dense.grads.dv);
-      CHECK(skip.grads.ddelta == dense.grads.ddelta);
+      check_same_bits(skip, dense);
       // The counters: every mode sees the same kept pairs; gather never exceeds w + Bq keys.
       CHECK(skip.fwd_counters.pairs_kept == dense.fwd_counters.pairs_kept);
       CHECK(gather.fwd_counters.pairs_kept == dense.fwd_counters.pairs_kept);
@@ -180,24 +188,16 @@ TEST_SUITE("cpu") {
     const Shape s = make_shape(2, 4, 2, 4, 77, 77, 8);
     const Problem<double> p = random_problem<double>(s, make_options(13), test_seed() + 50);
     for (int run = 0; run < 2; ++run) {  // float64, then float32
-      auto same = [](const auto& x, const auto& y) {
-        CHECK(x.fwd.o == y.fwd.o);
-        CHECK(x.fwd.lse == y.fwd.lse);
-        CHECK(x.grads.dq == y.grads.dq);
-        CHECK(x.grads.dk == y.grads.dk);
-        CHECK(x.grads.dv == y.grads.dv);
-        CHECK(x.grads.ddelta == y.grads.ddelta);
-        CHECK(x.dw_dt == y.dw_dt);
-        CHECK(x.da == y.da);
-      };
       TileConfig tc;
       tc.Bq = 16;
       tc.Bk = 8;
       if (run == 0) {
-        same(run_pipeline(p, Backend::tiled, tc, false), run_pipeline(p, Backend::tiled, tc, false));
+        check_same_bits(run_pipeline(p, Backend::tiled, tc, false),
+                        run_pipeline(p, Backend::tiled, tc, false));
       } else {
         const Problem<float> pf = to_float(p);
-        same(run_pipeline(pf, Backend::tiled, tc, false), run_pipeline(pf, Backend::tiled, tc, false));
+        check_same_bits(run_pipeline(pf, Backend::tiled, tc, false),
+                        run_pipeline(pf, Backend::tiled, tc, false));
       }
     }
   }
