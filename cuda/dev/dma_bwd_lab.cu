@@ -93,6 +93,10 @@ struct DeviceProblem {
     dv.poison();
     ddelta.poison();
   }
+  int64_t unwritten() const {  // outputs still holding the NaN poison
+    return lab::count_nan(dq.download()) + lab::count_nan(dk.download()) +
+           lab::count_nan(dv.download()) + lab::count_nan(ddelta.download());
+  }
 };
 
 // ==== v1: a thread per query row (dq), a thread per key (dk, dv, ddelta) ======================
@@ -324,72 +328,14 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   return ok;
 }
 
-// ---- timing ----------------------------------------------------------------------------------
-
-bool time_problem(int version, const Version& v, const dma::Shape& s, const dma::Options& opt,
-                  uint64_t seed, int warmup, int reps) {
-  std::printf("timing: %s, %d runs after %d warm-up runs\n", lab::shape_string(s, opt).c_str(), reps,
-              warmup);
-  const DeviceProblem dp(dma::random_problem<float>(s, opt, seed, true));
-  dp.poison_outputs();
-  const lab::Timing t = lab::time_runs([&] { v.run(dp); }, warmup, reps);
-  const int64_t unwritten = lab::count_nan(dp.dq.download()) + lab::count_nan(dp.dk.download()) +
-                            lab::count_nan(dp.dv.download()) + lab::count_nan(dp.ddelta.download());
-  const double pairs = lab::kept_pairs(s, opt.causal, dp.download_evict());
-  const double flops = 10.0 * double(s.D) * pairs;
-  std::printf("  kept pairs %.4g (%.1f per query), %.4g GFLOP at 10*D per pair\n", pairs,
-              pairs / double(s.B * s.Hq * s.Lq), flops * 1e-9);
-  std::printf("  v%d: %.3f ms median (min %.3f, max %.3f), %.1f TFLOP/s; unwritten outputs %lld\n",
-              version, t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) * 1e-12,
-              (long long)unwritten);
-  return unwritten == 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  lab::Args args;
-  const int status = lab::parse_args(
-      argc, argv, "Runs DMA backward kernel version N, validates it against the float64 reference "
-                  "and times it (cuda/dev/README.md).",
-      "kernel version: 1 = a thread per row and per key, 2 = production", kNumVersions, args);
-  if (status >= 0) return status;
-  const dma::Shape shape = args.shape();
-  const dma::Options opt = args.options();
-  try {  // what the kernels cannot run is a bad argument; this needs no device
-    dma::cuda::check_config({shape, opt, kPrecision});
-    for (const lab::Case& cs : lab::validation_cases(args.D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
-  } catch (const dma::Error& e) {
-    std::fprintf(stderr, "dma_bwd_lab: %s\n", e.what());
-    return 2;
-  }
-  std::string why;
-  if (!dma::cuda::device_available(&why)) {
-    std::printf("dma_bwd_lab: %s: nothing to run. SKIPPED\n", why.c_str());
-    return 77;
-  }
-
-  const Version& v = kVersions[args.version - 1];
-  try {
-    cudaDeviceProp prop;
-    LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("dma_bwd_lab v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", args.version, v.what,
-                prop.name, prop.major, prop.minor, (unsigned long long)args.seed);
-    std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");
-    bool ok = true;
-    for (const lab::Case& cs : lab::validation_cases(args.D)) ok = validate_case(v, cs, args.seed) && ok;
-    if (!ok) {
-      std::printf("FAIL: v%d does not match the reference\n", args.version);
-      return 1;
-    }
-    if (!time_problem(args.version, v, shape, opt, args.seed, args.warmup, args.reps)) {
-      std::printf("FAIL: v%d left outputs of the timed problem unwritten\n", args.version);
-      return 1;
-    }
-  } catch (const dma::Error& e) {
-    std::printf("dma_bwd_lab: %s\nFAIL\n", e.what());
-    return 1;
-  }
-  std::printf("PASS\n");
-  return 0;
+  const lab::Ladder<DeviceProblem, Version> ladder{
+      "dma_bwd_lab",
+      "Runs DMA backward kernel version N, validates it against the float64 reference and times "
+      "it (cuda/dev/README.md).",
+      "kernel version: 1 = a thread per row and per key, 2 = production",
+      kVersions, kNumVersions, /*flops_per_pair_dim=*/10, /*with_do=*/true, validate_case};
+  return lab::run_ladder(argc, argv, ladder);
 }

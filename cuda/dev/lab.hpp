@@ -1,6 +1,7 @@
 // What the kernel-ladder programs share (dma_fwd_lab, dma_bwd_lab): CUDA error checks, device
-// arrays, bf16 rounding of the inputs, the validation report, the kept-pair count, event timing
-// and the command line. Each program holds its versions, its validation cases and its main loop.
+// arrays, bf16 rounding of the inputs, the validation problems and report, the kept-pair count,
+// event timing, the command line and the run itself (run_ladder). Each program holds its device
+// problem, its versions and how it validates one.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -203,6 +204,87 @@ inline int parse_args(int argc, char** argv, const char* description, const char
     return app.exit(e) == 0 ? 0 : 2;  // --help: 0
   }
   return -1;
+}
+
+// One lab program. Problem: the device problem every version runs on, built from a
+// dma::Problem<float>, with poison_outputs(), unwritten() (outputs still NaN) and
+// download_evict(). Version: `what` and `run(const Problem&)`.
+template <typename Problem, typename Version>
+struct Ladder {
+  const char* name;            // the program, for its messages
+  const char* description;     // --help
+  const char* version_help;    // what N selects
+  const Version* versions;
+  int n_versions;
+  double flops_per_pair_dim;   // flops counted per kept pair and head dim: 4 forward, 10 backward
+  bool with_do;                // the problems carry do (the backward)
+  bool (*validate)(const Version&, const Case&, uint64_t seed);
+};
+
+// Times version v on the problem of the flags and prints ms and TFLOP/s on the kept pairs; false
+// when an output was left unwritten.
+template <typename Problem, typename Version>
+bool time_problem(const Ladder<Problem, Version>& l, const Args& a, const Version& v) {
+  const dma::Shape s = a.shape();
+  const dma::Options opt = a.options();
+  std::printf("timing: %s, %d runs after %d warm-up runs\n", shape_string(s, opt).c_str(), a.reps,
+              a.warmup);
+  const Problem dp(dma::random_problem<float>(s, opt, a.seed, l.with_do));
+  dp.poison_outputs();
+  const Timing t = time_runs([&] { v.run(dp); }, a.warmup, a.reps);
+  const int64_t unwritten = dp.unwritten();
+  const double pairs = kept_pairs(s, opt.causal, dp.download_evict());
+  const double flops = l.flops_per_pair_dim * double(s.D) * pairs;
+  std::printf("  kept pairs %.4g (%.1f per query), %.4g GFLOP at %g*D per pair\n", pairs,
+              pairs / double(s.B * s.Hq * s.Lq), flops * 1e-9, l.flops_per_pair_dim);
+  std::printf("  v%d: %.3f ms median (min %.3f, max %.3f), %.1f TFLOP/s; unwritten outputs %lld\n",
+              a.version, t.median_ms, t.min_ms, t.max_ms, flops / (t.median_ms * 1e-3) * 1e-12,
+              (long long)unwritten);
+  return unwritten == 0;
+}
+
+// The program: parse, refuse what the kernels cannot run (exit 2, no device needed), skip without
+// a device (77), validate version N on the validation problems, then time it. 0 PASS, 1 FAIL.
+template <typename Problem, typename Version>
+int run_ladder(int argc, char** argv, const Ladder<Problem, Version>& l) {
+  Args a;
+  const int status = parse_args(argc, argv, l.description, l.version_help, l.n_versions, a);
+  if (status >= 0) return status;
+  try {
+    dma::cuda::check_config({a.shape(), a.options(), kPrecision});
+    for (const Case& cs : validation_cases(a.D)) dma::cuda::check_config({cs.s, cs.opt, kPrecision});
+  } catch (const dma::Error& e) {
+    std::fprintf(stderr, "%s: %s\n", l.name, e.what());
+    return 2;
+  }
+  std::string why;
+  if (!dma::cuda::device_available(&why)) {
+    std::printf("%s: %s: nothing to run. SKIPPED\n", l.name, why.c_str());
+    return 77;
+  }
+  const Version& v = l.versions[a.version - 1];
+  try {
+    cudaDeviceProp prop;
+    LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("%s v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", l.name, a.version, v.what,
+                prop.name, prop.major, prop.minor, (unsigned long long)a.seed);
+    std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");
+    bool ok = true;
+    for (const Case& cs : validation_cases(a.D)) ok = l.validate(v, cs, a.seed) && ok;
+    if (!ok) {
+      std::printf("FAIL: v%d does not match the reference\n", a.version);
+      return 1;
+    }
+    if (!time_problem(l, a, v)) {
+      std::printf("FAIL: v%d left outputs of the timed problem unwritten\n", a.version);
+      return 1;
+    }
+  } catch (const dma::Error& e) {
+    std::printf("%s: %s\nFAIL\n", l.name, e.what());
+    return 1;
+  }
+  std::printf("PASS\n");
+  return 0;
 }
 
 }  // namespace lab
