@@ -25,33 +25,9 @@ using namespace dma::viewer;
 
 namespace {
 
-// Hands out ids and counts uploads; nothing is drawn.
-struct FakeTextures : TextureUploader {
-  int uploads = 0, live = 0;
-  intptr_t next = 1;
-  ImTextureID upload(ImTextureID existing, const Image& img) override {
-    ++uploads;
-    CHECK(img.width > 0);
-    CHECK(img.pixels.size() == static_cast<size_t>(img.width) * img.height);
-    if (existing) return existing;
-    ++live;
-    return reinterpret_cast<ImTextureID>(next++);
-  }
-  void destroy(ImTextureID) override { --live; }
-};
-
 using Context = dma_test::ImGuiContextForTest;
-
-// One frame with the mouse at (x, y), the left button down or not.
-void frame(InspectorState& st, float x, float y, bool down = false) {
-  ImGuiIO& io = ImGui::GetIO();
-  io.DeltaTime = 1.0f / 60.0f;
-  io.MousePos = ImVec2(x, y);
-  io.MouseDown[0] = down;
-  ImGui::NewFrame();
-  draw_inspector(st);
-  ImGui::Render();
-}
+using dma_test::FakeTextures;
+using dma_test::frame;
 
 // One frame with the wheel turned by `wheel` notches at (x, y).
 void wheel(InspectorState& st, float x, float y, float notches) {

@@ -13,19 +13,13 @@
 #include "dma/tiled.hpp"
 #include "inspector.hpp"
 #include "panels.hpp"
+#include "test_util.hpp"
 #include "test_viewer_context.hpp"
 #include "tiles.hpp"
 
 using namespace dma::viewer;
 
-
 namespace {
-
-dma::Shape shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t Hd, int64_t Lq, int64_t Lk, int64_t D) {
-  dma::Shape s;
-  s.B = B; s.Hq = Hq; s.Hkv = Hkv; s.Hd = Hd; s.Lq = Lq; s.Lk = Lk; s.D = D;
-  return s;
-}
 
 std::vector<float> random_delta(std::mt19937& rng, int64_t n) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -34,28 +28,9 @@ std::vector<float> random_delta(std::mt19937& rng, int64_t n) {
   return d;
 }
 
-// Hands out ids and counts uploads; nothing is drawn.
-struct FakeTextures : TextureUploader {
-  int uploads = 0;
-  intptr_t next = 1;
-  ImTextureID upload(ImTextureID existing, const Image& img) override {
-    ++uploads;
-    CHECK(img.pixels.size() == static_cast<size_t>(img.width) * img.height);
-    return existing ? existing : reinterpret_cast<ImTextureID>(next++);
-  }
-  void destroy(ImTextureID) override {}
-};
-
 using Context = dma_test::ImGuiContextForTest;
-
-void frame(InspectorState& st, float x, float y) {
-  ImGuiIO& io = ImGui::GetIO();
-  io.DeltaTime = 1.0f / 60.0f;
-  io.MousePos = ImVec2(x, y);
-  ImGui::NewFrame();
-  draw_inspector(st);
-  ImGui::Render();
-}
+using dma_test::FakeTextures;
+using dma_test::frame;
 
 }  // namespace
 
@@ -66,7 +41,7 @@ TEST_CASE("slot view helpers: key runs and the picture follow the table") {
   for (const auto& [Lq, Lk, w, Bq, causal] :
        {std::tuple<int64_t, int64_t, int64_t, int64_t, bool>{96, 96, 12, 16, true},
         {40, 100, 9, 8, true}, {33, 33, 1, 4, true}, {20, 50, 7, 8, false}, {64, 64, 100, 16, true}}) {
-    const dma::Shape s = shape(1, 1, 1, 1, Lq, Lk, 1);
+    const dma::Shape s = dma_test::make_shape(1, 1, 1, 1, Lq, Lk, 1);
     const std::vector<int64_t> evict = dma::evict_positions(s, w, random_delta(rng, Lk));
     const dma::CandidateTable c = dma::candidate_table(evict.data(), Lq, Lk, causal, w, Bq);
     const std::vector<KeyRun> runs = key_runs(c, Lk);
@@ -99,10 +74,10 @@ TEST_CASE("slot view counters equal what dma::tiled_forward and tiled_backward c
   std::mt19937 rng(11);
   struct Case { dma::Shape s; int64_t w, Bq, Bk; bool causal; };
   const Case cases[] = {
-      {shape(1, 2, 1, 1, 80, 80, 4), 10, 16, 8, true},   // two query heads on one table
-      {shape(1, 2, 1, 2, 70, 90, 4), 7, 8, 16, true},    // Hd = Hq: a table per head
-      {shape(2, 1, 1, 1, 45, 45, 4), 5, 7, 3, true},     // batches, odd tiles
-      {shape(1, 1, 1, 1, 30, 60, 4), 6, 8, 8, false},    // non-causal
+      {dma_test::make_shape(1, 2, 1, 1, 80, 80, 4), 10, 16, 8, true},   // two query heads on one table
+      {dma_test::make_shape(1, 2, 1, 2, 70, 90, 4), 7, 8, 16, true},    // Hd = Hq: a table per head
+      {dma_test::make_shape(2, 1, 1, 1, 45, 45, 4), 5, 7, 3, true},     // batches, odd tiles
+      {dma_test::make_shape(1, 1, 1, 1, 30, 60, 4), 6, 8, 8, false},    // non-causal
   };
   for (const Case& c : cases) {
     const dma::Shape& s = c.s;
