@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -316,6 +317,33 @@ TEST_SUITE("cuda") {
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }
     }
+  }
+
+  TEST_CASE("cuda forward kernels: the mma.sync rung and the wgmma kernel both match") {
+    // On a Hopper GPU the forward runs the wgmma kernel (forward_sm90.cu); the mma.sync kernel
+    // (forward.cu) is the path elsewhere and is forced here with DMA_CUDA_FORWARD=sm80.
+    const Case cases[] = {
+        {1, 2, 1, 1, 300, 300, 64, 40},
+        {1, 4, 2, 2, 700, 700, 128, 200, true, Form::exp, Precision::fp16},
+        {1, 2, 1, 1, 500, 500, 128, 600},  // dense
+        {1, 2, 1, 1, 900, 900, 128, 200, true, Form::exp, Precision::bf16, true, true, 1},
+    };
+    for (const char* kernel : {"sm80", "auto"}) {
+      setenv("DMA_CUDA_FORWARD", kernel, 1);
+      for (const Case& c : cases) {
+        SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }
+      }
+    }
+    unsetenv("DMA_CUDA_FORWARD");
+  }
+
+  TEST_CASE("cuda forward kernels: an unknown DMA_CUDA_FORWARD is a dma::Error") {
+    setenv("DMA_CUDA_FORWARD", "sm70", 1);
+    const Case c{1, 2, 1, 1, 64, 64, 64, 16};
+    std::mt19937_64 rng(1);
+    const dma::Problem<float> p = make_problem(c, rng);
+    CHECK_THROWS_AS(dma::cuda::run_pipeline(p, c.prec), dma::Error);
+    unsetenv("DMA_CUDA_FORWARD");
   }
 
   TEST_CASE("cuda mask: eviction positions identical to the CPU heap sweep, long sequences") {

@@ -38,6 +38,8 @@
 // lse (B,Hq,Lq). Query head hq reads kv head hq / (Hq/Hkv) and delta head hq / (Hq/Hd).
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+
 #include "lab.hpp"
 
 namespace {
@@ -189,8 +191,9 @@ void forward_v1(const DeviceProblem& dp) {
   LAB_CUDA_CHECK(cudaGetLastError());
 }
 
-// ==== v2: the production kernel ===============================================================
-// dma::cuda::attention_forward (cuda/src/forward.cu, cuda/src/tables.cuh). What it adds to v1:
+// ==== v2: the mma.sync kernel ================================================================
+// dma::cuda::attention_forward with DMA_CUDA_FORWARD=sm80 (cuda/src/forward.cu,
+// cuda/src/tables.cuh): the production kernel on GPUs other than Hopper. What it adds to v1:
 //   - query tiles: one block of 8 warps = 128 queries of one (b, hq), 16 rows per warp;
 //   - the tile's candidate keys {j <= p_last : e_j >= max(j, p_first)}, at most w + Bq - 1 of
 //     them (docs/design.md §2.4), read from the list the mask phase wrote (§2.8), the keys every
@@ -204,11 +207,23 @@ void forward_v1(const DeviceProblem& dp) {
 // H200, L=16384 w=512 Hq=16 Hkv=8 D=128: 0.448 ms, 151 TFLOP/s on the kept pairs (42x v1;
 // 0.682 ms while it scanned evict)
 
-void forward_v2(const DeviceProblem& dp) {
+void run_forward(const DeviceProblem& dp, const char* kernel) {
+  setenv("DMA_CUDA_FORWARD", kernel, 1);  // read by every attention_forward call
   dma::cuda::attention_forward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
                                dp.mask_state.get(), dp.o.get(), dp.lse.get(), nullptr);
   LAB_CUDA_CHECK(cudaGetLastError());
 }
+void forward_v2(const DeviceProblem& dp) { run_forward(dp, "sm80"); }
+
+// ==== v3: wgmma (sm_90a) =======================================================================
+// DMA_CUDA_FORWARD=sm90 (cuda/src/forward_sm90.cu, cuda/src/wgmma.cuh), the production kernel on
+// Hopper. What it adds to v2:
+//   - two warpgroups of 64 rows; S = Q K^T by wgmma m64n64k16 with Q and K read by descriptor
+//     from shared memory, O += P V by wgmma m64nDk16 with P from registers;
+//   - Q, K and V in the 128-byte swizzled layout (chunk c of row r at c ^ (r % 8)) instead of
+//     padded rows, fenced for the tensor cores (fence.proxy.async) after the cp.async copies.
+// H200: see MEASURED above.
+void forward_v3(const DeviceProblem& dp) { run_forward(dp, "sm90"); }
 
 // ==== the ladder =============================================================================
 
@@ -218,7 +233,8 @@ struct Version {
 };
 const Version kVersions[] = {
     {"one thread per query row, fp32 on CUDA cores, bf16 loads from global memory", forward_v1},
-    {"production: candidate lists, gathered tiles, mma.sync, cp.async double buffering", forward_v2},
+    {"candidate lists, gathered tiles, mma.sync, cp.async double buffering", forward_v2},
+    {"wgmma (sm_90a) from 128-byte swizzled shared memory, P from registers", forward_v3},
 };
 constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
 
@@ -263,7 +279,7 @@ int main(int argc, char** argv) {
       "dma_fwd_lab",
       "Runs DMA forward kernel version N, validates it against the float64 reference and times "
       "it (cuda/dev/README.md).",
-      "kernel version: 1 = one thread per query row, 2 = production",
+      "kernel version: 1 = one thread per query row, 2 = mma.sync, 3 = wgmma (Hopper)",
       kVersions, kNumVersions, /*flops_per_pair_dim=*/4, /*with_do=*/false, validate_case};
   return lab::run_ladder(argc, argv, ladder);
 }

@@ -71,7 +71,14 @@ struct AttnArgs {
   float *dq, *dk, *dv, *ddelta; // written: dq (B,Hq,Lq,D), dk, dv (B,Hkv,Lk,D), ddelta (B,Hd,Lk)
   float *dk_part, *dv_part;     // (B,Hd,Lk,D) scratch, only when Hd > Hkv (backward_partials)
 };
+// Picks the kernel: on a compute capability 9.0 device (H100, H200) the wgmma kernel of
+// forward_sm90.cu when the library was built with it (DMA_HAVE_SM90), else the mma.sync kernel
+// of forward.cu. DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
+// ladder's lower rung, for comparisons); =sm90 requires the wgmma kernel.
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
+// The kernel launch_forward would run for the current device: "sm90" or "sm80".
+const char* forward_kernel_name();
+void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 // backward.cu ------------------------------------------------------------------------------
 // Writes every element of dq, dk, dv and ddelta (no accumulation, no atomics: deterministic).

@@ -1,0 +1,255 @@
+// DMA forward on Hopper (sm_90a): the algorithm of forward.cu, with its two products on wgmma.
+//
+// One block = one query tile of kTileQ = 128 queries of one (b, query head), two warpgroups of
+// 64 rows each (warp w owns rows 16w .. 16w+15, as in forward.cu). Per tile of kBk = 64 listed
+// keys (paper notation Q_i, K_j, V_j, m, l):
+//   S   = Q K_j^T      wgmma m64n64k16, Q and K_j read from shared memory by descriptor
+//   S2  = log2(e) * (scale * S + delta_j), -inf where not kept      (registers, as forward.cu)
+//   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P
+//   O   = 2^(m-m') O + P V_j   wgmma m64nDk16, P from registers, V_j from shared memory
+// Q, K_j and V_j sit in shared memory in the 128-byte swizzled layout of wgmma.cuh; the gathered
+// rows of K_j and V_j are copied there with 16-byte cp.async (TMA cannot gather rows), two
+// buffers deep: tile c+1 is copied while tile c is computed.
+//
+// What it saves over forward.cu: mma.sync needs every K/V fragment in registers of each of the
+// 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
+// reads its B operand once for 64 rows, and Q is not held in registers.
+#include "tables.cuh"
+#include "wgmma.cuh"
+#include "kernels.hpp"
+
+namespace dma::cuda::detail {
+namespace {
+
+using namespace sm90;
+
+constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;  // 2 warpgroups
+constexpr int kStages = 2;
+
+template <int D>
+struct Smem {  // byte offsets from a 1024-aligned base
+  static constexpr uint32_t q = 0, q_bytes = kTileQ * D * 2;
+  static constexpr uint32_t tile_bytes = kBk * D * 2;  // one K or V tile
+  static constexpr uint32_t k = q + q_bytes;
+  static constexpr uint32_t v = k + kStages * tile_bytes;
+  static constexpr uint32_t keys = v + kStages * tile_bytes;
+  static constexpr uint32_t bytes = keys + kStages * sizeof(KeyTile) + 1024;  // + alignment slack
+};
+
+// Rows r0 .. r0+kBk of the list of tile t (gathered), or rows i0 .. i0+kRows of src (contiguous,
+// clamped), into a swizzled tile; rows past the end are zero-filled. The caller commits and waits.
+template <typename T, int D>
+__device__ __forceinline__ void gather_swizzled(unsigned char* dst, const T* __restrict__ src,
+                                                const TableView& tv, int t, int r0, int n_alive) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < kBk * kChunks; c += kThreads) {
+    const int r = c / kChunks, chunk = c % kChunks;
+    const bool valid = r0 + r < n_alive;
+    const int j = valid ? tv.candidate(t, r0 + r) : 0;
+    cp_async_16(dst + swizzled_offset<kBk>(r, chunk), src + (size_t)j * D + chunk * 8, valid);
+  }
+}
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void load_swizzled(unsigned char* dst, const T* __restrict__ src, int i0,
+                                              int L) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
+    cp_async_16(dst + swizzled_offset<kRows>(r, chunk), src + (size_t)min(i, L - 1) * D + chunk * 8,
+                i < L);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Smem<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  const uint32_t base = smem_addr(smem);
+  KeyTile* kts = reinterpret_cast<KeyTile*>(smem + L::keys);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4;
+  const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
+  const int i0 = q_tile * kTileQ;
+  auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
+  const int p_first = position(i0), p_last = position(min(i0 + kTileQ, d.Lq) - 1);
+
+  // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
+  const T* q_bh = static_cast<const T*>(a.q) + (size_t)(b * d.Hq + hq) * d.Lq * D;
+  const T* k_bh = static_cast<const T*>(a.k) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
+  const T* v_bh = static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
+  const int bhd = b * d.Hd + hd;
+  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
+  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
+  const TableView tv(d, a.tables, bhd);
+  const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
+
+  // 1. Q_i and the first K_j, V_j.
+  load_swizzled<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq);
+  load_key_tile(kts[0], tv, q_tile, 0, n_alive, evict_bh, delta_bh);
+  gather_swizzled<T, D>(smem + L::k, k_bh, tv, q_tile, 0, n_alive);
+  gather_swizzled<T, D>(smem + L::v, v_bh, tv, q_tile, 0, n_alive);
+  cp_async_commit();
+
+  // Descriptors (wgmma.cuh): this warpgroup's 64 rows of Q, and K_j, V_j of a buffer.
+  auto q_desc = [&](int kk) {  // k16 step kk of D
+    return descriptor(base + L::q + (kk / 4) * (kTileQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+  };
+  auto k_desc = [&](int buf, int kk) {
+    return descriptor(base + L::k + buf * L::tile_bytes + (kk / 4) * (kBk * 128) + (kk % 4) * 32, 16, 1024);
+  };
+  auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys
+    return descriptor(base + L::v + buf * L::tile_bytes + kk * 16 * 128, kBk * 128, 1024);
+  };
+
+  float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in wgmma.cuh)
+  #pragma unroll
+  for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
+  const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  const int p_row[2] = {position(row[0]), position(row[1])};
+  const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
+  const float scale2 = d.scale * kLog2e;
+
+  for (int r0 = 0, buf = 0; r0 < n_alive; r0 += kBk, buf ^= 1) {
+    // Next tile into the other buffers, which tile c-1 used: the barrier at the end of the
+    // previous iteration means both warpgroups are done with it.
+    const int nt = min(kBk, n_alive - r0), r_next = r0 + kBk;
+    if (r_next < n_alive) {
+      load_key_tile(kts[buf ^ 1], tv, q_tile, r_next, n_alive, evict_bh, delta_bh);
+      gather_swizzled<T, D>(smem + L::k + (buf ^ 1) * L::tile_bytes, k_bh, tv, q_tile, r_next, n_alive);
+      gather_swizzled<T, D>(smem + L::v + (buf ^ 1) * L::tile_bytes, v_bh, tv, q_tile, r_next, n_alive);
+    }
+    cp_async_commit();   // (an empty group when there is no next tile)
+    cp_async_wait<1>();  // tile c has landed (tile c+1 may still be in flight)
+    fence_proxy_async(); // ... and is visible to the tensor cores
+    __syncthreads();     // ... for every thread's copies
+    const KeyTile& kt = kts[buf];
+
+    // 2. S = Q K_j^T (64 x 64 per warpgroup).
+    float s[kBk / 2] = {};  // (overwritten: the first k step does not accumulate)
+    wgmma_fence();
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_64x64_ss<T>(s, q_desc(kk), k_desc(buf, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+
+    // 3. Mask in registers and online softmax (base 2), as in forward.cu; s[4n + e] is
+    //    forward.cu's s[n][e].
+    float row_max[2] = {-INFINITY, -INFINITY};
+    if (r0 + kBk <= n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
+      #pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          s[4 * n + 2 * r] = fmaf(s[4 * n + 2 * r], scale2, d2.x);
+          s[4 * n + 2 * r + 1] = fmaf(s[4 * n + 2 * r + 1], scale2, d2.y);
+          row_max[r] = fmaxf(row_max[r], fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+        }
+      }
+    } else {
+      #pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n * 8 + t4 * 2 + e;
+          const int j = kt.key[col], ej = kt.evict[col];
+          const float d2 = kt.delta2[col];
+          const bool valid = col < nt;
+          #pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const bool kept = valid && rule::is_kept(j, p_row[r], ej);
+            float& x = s[4 * n + 2 * r + e];
+            x = kept ? fmaf(x, scale2, d2) : -INFINITY;
+            row_max[r] = fmaxf(row_max[r], x);
+          }
+        }
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
+      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+      const float m_new = fmaxf(m_row[r], row_max[r]);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // row with nothing kept yet
+      const float alpha = exp2f(m_row[r] - m_use);            // 0 when m_row was -inf
+      float sum = 0.0f;
+      #pragma unroll
+      for (int n = 0; n < kBk / 8; ++n) {
+        s[4 * n + 2 * r] = fast_exp2(s[4 * n + 2 * r] - m_use);
+        s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - m_use);
+        sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+      }
+      l_row[r] = l_row[r] * alpha + sum;
+      m_row[r] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o_acc[4 * n + 2 * r] *= alpha;
+        o_acc[4 * n + 2 * r + 1] *= alpha;
+      }
+    }
+    // P as register A operand: k16 slice kk is the accumulators of column blocks 2kk, 2kk+1.
+    uint32_t pf[kBk / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) {
+      pf[kk][0] = Elem<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = Elem<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = Elem<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+
+    // 4. O += P V_j (64 x D per warpgroup).
+    wgmma_fence();
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) wgmma_rs<T, D>(o_acc, pf[kk], v_desc(buf, kk));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(o_acc);
+    __syncthreads();  // both warpgroups are done with this tile's buffers before they are refilled
+  }
+
+  // 5. o = O / l, lse = ln2 * (m + log2 l).
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_row[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (row[r] >= d.Lq) continue;
+    const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+    float* o_row = a.o + ((size_t)(b * d.Hq + hq) * d.Lq + row[r]) * D;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(o_row + n * 8 + t4 * 2) =
+          make_float2(o_acc[4 * n + 2 * r] * inv_l, o_acc[4 * n + 2 * r + 1] * inv_l);
+    if (t4 == 0)
+      a.lse[(size_t)(b * d.Hq + hq) * d.Lq + row[r]] =
+          l > 0.0f ? (m_row[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <typename T, int D>
+void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  constexpr size_t smem = Smem<D>::bytes;
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_sm90_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const dim3 grid(table_tiles(d), d.Hq, d.B);
+  forward_sm90_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  DMA_CUDA_CHECK_LAUNCH(forward_sm90_kernel);
+}
+
+}  // namespace
+
+void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+    launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
+  });
+}
+
+}  // namespace dma::cuda::detail

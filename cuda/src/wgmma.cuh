@@ -1,0 +1,134 @@
+// Hopper (sm_90a) building blocks of the wgmma kernels (forward_sm90.cu), as thin PTX wrappers:
+//   the 128-byte swizzled shared-memory layout the tensor cores read through descriptors,
+//   wgmma.mma_async m64nNk16 (a warpgroup of 4 warps: 64 rows), with A from shared memory or
+//   from registers, and the fences that order it against ordinary code.
+// Only compiled for compute_90a (the sm90 object library in cuda/CMakeLists.txt).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace dma::cuda::detail::sm90 {
+
+// ---- the swizzled tile layout -------------------------------------------------------------
+// A tile of kRows rows of D 16-bit elements is stored as D/64 column blocks of [kRows][64]
+// (128 bytes per row). Inside a block, 16-byte chunk c of row r sits at chunk c ^ (r % 8): the
+// 8 rows of a core matrix spread over all 32 banks, and it is the pattern the descriptor's
+// "128B swizzle" mode undoes (the XOR of address bits 4-6 with bits 7-9, so every block must
+// start at a multiple of 1024 bytes).
+template <int kRows>
+__device__ __forceinline__ uint32_t swizzled_offset(int r, int chunk) {  // bytes; chunk of 8 elems
+  return (chunk / 8) * (kRows * 128) + r * 128 + (((chunk % 8) ^ (r % 8)) * 16);
+}
+
+// A shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
+// units of 16 bytes), 128B swizzle (layout type 1 in bits 62-63).
+//   K-major operand (rows of the tile are the M or N index, K runs along the row): SBO = 1024
+//   bytes from one group of 8 rows to the next; LBO unused (1). A k16 step inside a 64-wide
+//   column block moves the start by 32 bytes; the next block starts kRows * 128 bytes further.
+//   MN-major operand (rows of the tile are the K index, N runs along the row, as V in P V):
+//   SBO = 1024 bytes from one group of 8 k-rows to the next, LBO = kRows * 128 bytes from one
+//   64-wide column block of N to the next; a k16 step moves the start by 16 rows (2048 bytes).
+__device__ __forceinline__ uint64_t descriptor(uint32_t smem_address, uint32_t lbo_bytes,
+                                               uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) |
+         static_cast<uint64_t>(lbo_bytes >> 4) << 16 | static_cast<uint64_t>(sbo_bytes >> 4) << 32 |
+         1ull << 62;
+}
+
+// ---- ordering -----------------------------------------------------------------------------
+// Before a batch of wgmma: registers they read or accumulate into were last written by
+// ordinary instructions.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N committed groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The accumulators of an asynchronous wgmma may be read only after its wait: this empty asm
+// "redefines" them there, so the compiler cannot move a read (or a write) across the wait.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Shared memory written by the threads (cp.async included) and read next by the tensor cores
+// (the async proxy): each writing thread fences after its copies landed, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- wgmma --------------------------------------------------------------------------------
+// Accumulator layout (fp32, m64nN): warp w of the warpgroup holds rows 16w .. 16w+15; for each
+// 8-column block n, d[4n + 0..1] = C[16w + g][8n + 2t .. +1] and d[4n + 2..3] = C[16w + g + 8][..]
+// (g = lane / 4, t = lane % 4): per warp, mma.sync's m16n8 C layout repeated N/8 times. The
+// register A operand (m64k16) is per warp the m16n8k16 A fragment of its 16 rows, so the
+// accumulators of S = Q K^T, rounded in pairs, are the A operand of P V (as in mma.sync).
+#define DMA_WGMMA_D32                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define DMA_WGMMA_D64                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define DMA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define DMA_ACC32 DMA_ACC8(0), DMA_ACC8(8), DMA_ACC8(16), DMA_ACC8(24)
+#define DMA_ACC64 DMA_ACC32, DMA_ACC8(32), DMA_ACC8(40), DMA_ACC8(48), DMA_ACC8(56)
+
+// d (64x64) = A (64x16) B (16x64) + (accumulate ? d : 0); A and B K-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void wgmma_64x64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                               bool accumulate) {
+#define DMA_WGMMA_SS(TYPE)                                                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " DMA_WGMMA_D32 \
+               ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                          \
+               : DMA_ACC32                                                                \
+               : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)))
+  if constexpr (std::is_same_v<T, __half>) DMA_WGMMA_SS("f16");
+  else DMA_WGMMA_SS("bf16");
+#undef DMA_WGMMA_SS
+}
+
+// d (64xN) += A (64x16, registers) B (16xN); B MN-major in shared memory (transposed read).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "P V for head dims 64 and 128");
+  // scale-d is a predicate operand: p = true (accumulate)
+#define DMA_PRED_ONE "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+  if constexpr (N == 64) {
+    if constexpr (std::is_same_v<T, __half>)
+      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " DMA_WGMMA_D32
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                   : DMA_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    else
+      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " DMA_WGMMA_D32
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                   : DMA_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  } else {
+    if constexpr (std::is_same_v<T, __half>)
+      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " DMA_WGMMA_D64
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                   : DMA_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    else
+      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DMA_WGMMA_D64
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                   : DMA_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  }
+#undef DMA_PRED_ONE
+}
+
+#undef DMA_ACC64
+#undef DMA_ACC32
+#undef DMA_ACC8
+#undef DMA_WGMMA_D64
+#undef DMA_WGMMA_D32
+
+}  // namespace dma::cuda::detail::sm90
