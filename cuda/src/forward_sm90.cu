@@ -8,8 +8,9 @@
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P
 //   O   = 2^(m-m') O + P V_j   wgmma m64nDk16, P from registers, V_j from shared memory
 // Q, K_j and V_j sit in shared memory in the 128-byte swizzled layout of wgmma.cuh; the gathered
-// rows of K_j and V_j are copied there with 16-byte cp.async (TMA cannot gather rows), two
-// buffers deep: tile c+1 is copied while tile c is computed.
+// rows of K_j and V_j are copied there with 16-byte cp.async (TMA cannot gather rows) while the
+// tile before is computed, and P_{c-1} V_{c-1} runs on the tensor cores during the softmax of
+// S_c (the schedule is written out above the main loop).
 //
 // What it saves over forward.cu: mma.sync needs every K/V fragment in registers of each of the
 // 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
@@ -24,7 +25,7 @@ namespace {
 using namespace sm90;
 
 constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;  // 2 warpgroups
-constexpr int kStages = 2;
+constexpr int kStages = 3;  // V_{c-1} read by P V, tile c, tile c+1 being copied
 
 template <int D>
 struct Smem {  // byte offsets from a 1024-aligned base
@@ -88,13 +89,6 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   const TableView tv(d, a.tables, bhd);
   const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
 
-  // 1. Q_i and the first K_j, V_j.
-  load_swizzled<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq);
-  load_key_tile(kts[0], tv, q_tile, 0, n_alive, evict_bh, delta_bh);
-  gather_swizzled<T, D>(smem + L::k, k_bh, tv, q_tile, 0, n_alive);
-  gather_swizzled<T, D>(smem + L::v, v_bh, tv, q_tile, 0, n_alive);
-  cp_async_commit();
-
   // Descriptors (wgmma.cuh): this warpgroup's 64 rows of Q, and K_j, V_j of a buffer.
   auto q_desc = [&](int kk) {  // k16 step kk of D
     return descriptor(base + L::q + (kk / 4) * (kTileQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
@@ -105,42 +99,30 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys
     return descriptor(base + L::v + buf * L::tile_bytes + kk * 16 * 128, kBk * 128, 1024);
   };
+  // Tile c of the list (keys r0 = c * kBk ...) into buffer c % kStages.
+  auto load_tile = [&](int c) {
+    const int buf = c % kStages, r0 = c * kBk;
+    load_key_tile(kts[buf], tv, q_tile, r0, n_alive, evict_bh, delta_bh);
+    gather_swizzled<T, D>(smem + L::k + buf * L::tile_bytes, k_bh, tv, q_tile, r0, n_alive);
+    gather_swizzled<T, D>(smem + L::v + buf * L::tile_bytes, v_bh, tv, q_tile, r0, n_alive);
+  };
 
   float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in wgmma.cuh)
   #pragma unroll
   for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
-  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
+  float s[kBk / 2] = {};   // S, then P, of the current tile (64 x 64 per warpgroup)
+  uint32_t pf[kBk / 16][4];  // P of the previous tile as the register A operand of P V
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
   const int p_row[2] = {position(row[0]), position(row[1])};
   const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
-  for (int r0 = 0, buf = 0; r0 < n_alive; r0 += kBk, buf ^= 1) {
-    // Next tile into the other buffers, which tile c-1 used: the barrier at the end of the
-    // previous iteration means both warpgroups are done with it.
-    const int nt = min(kBk, n_alive - r0), r_next = r0 + kBk;
-    if (r_next < n_alive) {
-      load_key_tile(kts[buf ^ 1], tv, q_tile, r_next, n_alive, evict_bh, delta_bh);
-      gather_swizzled<T, D>(smem + L::k + (buf ^ 1) * L::tile_bytes, k_bh, tv, q_tile, r_next, n_alive);
-      gather_swizzled<T, D>(smem + L::v + (buf ^ 1) * L::tile_bytes, v_bh, tv, q_tile, r_next, n_alive);
-    }
-    cp_async_commit();   // (an empty group when there is no next tile)
-    cp_async_wait<1>();  // tile c has landed (tile c+1 may still be in flight)
-    fence_proxy_async(); // ... and is visible to the tensor cores
-    __syncthreads();     // ... for every thread's copies
-    const KeyTile& kt = kts[buf];
-
-    // 2. S = Q K_j^T (64 x 64 per warpgroup).
-    float s[kBk / 2] = {};  // (overwritten: the first k step does not accumulate)
-    wgmma_fence();
-    #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_64x64_ss<T>(s, q_desc(kk), k_desc(buf, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(s);
-
-    // 3. Mask in registers and online softmax (base 2), as in forward.cu; s[4n + e] is
-    //    forward.cu's s[n][e].
+  // S (the 64 x 64 accumulators) -> P of tile c in place: mask, online softmax (base 2), as in
+  // forward.cu (s[4n + e] is forward.cu's s[n][e]); alpha = 2^(m - m') for the rescale of O.
+  auto softmax = [&](int c) {
+    const KeyTile& kt = kts[c % kStages];
+    const int r0 = c * kBk, nt = min(kBk, n_alive - r0);
     float row_max[2] = {-INFINITY, -INFINITY};
     if (r0 + kBk <= n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
@@ -178,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
       const float m_new = fmaxf(m_row[r], row_max[r]);
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // row with nothing kept yet
-      const float alpha = exp2f(m_row[r] - m_use);            // 0 when m_row was -inf
+      alpha[r] = exp2f(m_row[r] - m_use);                     // 0 when m_row was -inf
       float sum = 0.0f;
       #pragma unroll
       for (int n = 0; n < kBk / 8; ++n) {
@@ -186,16 +168,22 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
         s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - m_use);
         sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
       }
-      l_row[r] = l_row[r] * alpha + sum;
+      l_row[r] = l_row[r] * alpha[r] + sum;
       m_row[r] = m_new;
+    }
+  };
+  auto rescale_o = [&] {
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
       #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o_acc[4 * n + 2 * r] *= alpha;
-        o_acc[4 * n + 2 * r + 1] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        o_acc[4 * n + 2 * r] *= alpha[r];
+        o_acc[4 * n + 2 * r + 1] *= alpha[r];
       }
     }
-    // P as register A operand: k16 slice kk is the accumulators of column blocks 2kk, 2kk+1.
-    uint32_t pf[kBk / 16][4];
+  };
+  // P as register A operand: k16 slice kk is the accumulators of column blocks 2kk, 2kk+1.
+  auto pack_p = [&] {
     #pragma unroll
     for (int kk = 0; kk < kBk / 16; ++kk) {
       pf[kk][0] = Elem<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -203,16 +191,66 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       pf[kk][2] = Elem<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
       pf[kk][3] = Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
-
-    // 4. O += P V_j (64 x D per warpgroup).
-    wgmma_fence();
+  };
+  auto issue_s = [&](int c) {  // S = Q K_c^T, asynchronous
     #pragma unroll
-    for (int kk = 0; kk < kBk / 16; ++kk) wgmma_rs<T, D>(o_acc, pf[kk], v_desc(buf, kk));
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_64x64_ss<T>(s, q_desc(kk), k_desc(c % kStages, kk), kk > 0);
     wgmma_commit();
+  };
+  auto issue_pv = [&](int c) {  // O += P_c V_c, asynchronous
+    #pragma unroll
+    for (int kk = 0; kk < kBk / 16; ++kk) wgmma_rs<T, D>(o_acc, pf[kk], v_desc(c % kStages, kk));
+    wgmma_commit();
+  };
+
+  // The schedule (FlashAttention-3's intra-warpgroup pipelining): while the tensor cores add
+  // P_{c-1} V_{c-1} into O, the warpgroup computes the softmax of S_c. Tile c+1 is copied
+  // meanwhile, so three buffers are live: V_{c-1} (being read), K_c and V_c, and tile c+1.
+  //   iteration c:  wait for tile c; barrier; start copying tile c+1
+  //                 issue S_c = Q K_c^T; issue O += P_{c-1} V_{c-1}
+  //                 wait for S_c; softmax -> P_c, alpha_c; wait for O; O *= alpha_c; pack P_c
+  // The barrier also means every warpgroup has finished P_{c-2} V_{c-2}, whose buffer tile
+  // c+1 takes.
+  // At least one pass: for an empty list (never made by the mask: every query keeps a key) it
+  // writes o = 0 and lse = -inf, as forward.cu does.
+  const int n_tiles = max(1, (n_alive + kBk - 1) / kBk);
+  auto wait_for_tile = [&](int c) {
+    cp_async_wait<0>();   // tile c (and Q) landed
+    fence_proxy_async();  // ... visible to the tensor cores
+    __syncthreads();      // ... for every thread's copies
+    if (c + 1 < n_tiles) load_tile(c + 1);
+    cp_async_commit();
+  };
+  load_swizzled<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq);
+  load_tile(0);
+  cp_async_commit();
+  // Tile 0 alone (no P V to overlap yet), so that the loop issues its wgmma without branches:
+  // accumulators merged from two paths would be copied while a wgmma writes them, and the
+  // compiler would then serialize every wgmma.
+  wait_for_tile(0);
+  wgmma_fence();
+  issue_s(0);
+  wgmma_wait<0>();
+  fence_registers(s);
+  softmax(0);
+  pack_p();
+  for (int c = 1; c < n_tiles; ++c) {
+    wait_for_tile(c);
+    wgmma_fence();
+    issue_s(c);
+    issue_pv(c - 1);
+    wgmma_wait<1>();  // S_c is done (P_{c-1} V_{c-1} may still run)
+    fence_registers(s);
+    softmax(c);
     wgmma_wait<0>();
     fence_registers(o_acc);
-    __syncthreads();  // both warpgroups are done with this tile's buffers before they are refilled
+    rescale_o();
+    pack_p();
   }
+  wgmma_fence();  // the last tile's P V
+  issue_pv(n_tiles - 1);
+  wgmma_wait<0>();
+  fence_registers(o_acc);
 
   // 5. o = O / l, lse = ln2 * (m + log2 l).
   #pragma unroll
