@@ -216,7 +216,7 @@ void run_forward(const DeviceProblem& dp, const char* kernel) {
 void forward_v2(const DeviceProblem& dp) { run_forward(dp, "sm80"); }
 
 // ==== v3: wgmma (sm_90a) =======================================================================
-// DMA_CUDA_FORWARD=sm90 (cuda/src/forward_sm90.cu, cuda/src/wgmma.cuh), the production kernel on
+// DMA_CUDA_FORWARD=sm90 (cuda/src/forward_sm90.cu, cuda/src/sm90.cuh), the production kernel on
 // Hopper. What it adds to v2:
 //   - two warpgroups of 64 rows; S = Q K^T by wgmma m64n64k16 with Q and K read by descriptor
 //     from shared memory, O += P V by wgmma m64nDk16 with P from registers;

@@ -1,22 +1,26 @@
 // DMA forward on Hopper (sm_90a): the algorithm of forward.cu, with its two products on wgmma.
 //
-// One block = one query tile of kTileQ = 128 queries of one (b, query head), two warpgroups of
-// 64 rows each (warp w owns rows 16w .. 16w+15, as in forward.cu). Per tile of kBk = 64 listed
-// keys (paper notation Q_i, K_j, V_j, m, l):
+// One block = one query tile of kTileQ = 128 queries of one (b, query head): two consumer
+// warpgroups of 64 rows each (warp w owns rows 16w .. 16w+15, as in forward.cu) and a producer
+// warpgroup that copies the tiles (its registers given to the consumers by setmaxnreg). Per tile of kBk = 64 listed keys (paper notation Q_i, K_j, V_j,
+// m, l), in the consumers:
 //   S   = Q K_j^T      wgmma m64n64k16, Q and K_j read from shared memory by descriptor
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept      (registers, as forward.cu)
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P
 //   O   = 2^(m-m') O + P V_j   wgmma m64nDk16, P from registers, V_j from shared memory
-// Q, K_j and V_j sit in shared memory in the 128-byte swizzled layout of wgmma.cuh; the gathered
-// rows of K_j and V_j are copied there with 16-byte cp.async (TMA cannot gather rows) while the
-// tile before is computed, and P_{c-1} V_{c-1} runs on the tensor cores during the softmax of
-// S_c (the schedule is written out above the main loop).
+// Q, K_j and V_j sit in shared memory in the 128-byte swizzled layout of sm90.cuh. The producer
+// gathers the rows of K_j and V_j there with 16-byte cp.async (TMA cannot gather rows), kStages
+// tiles ahead at most, and hands each tile over through an mbarrier ("full"); the consumers hand
+// the buffer back through another ("empty"). No barrier spans the block, so the two warpgroups
+// drift apart and one's softmax overlaps the other's products; within a warpgroup,
+// P_{c-1} V_{c-1} runs on the tensor cores during the softmax of S_c (the schedule is written
+// out above the main loop).
 //
 // What it saves over forward.cu: mma.sync needs every K/V fragment in registers of each of the
 // 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
 // reads its B operand once for 64 rows, and Q is not held in registers.
 #include "tables.cuh"
-#include "wgmma.cuh"
+#include "sm90.cuh"
 #include "kernels.hpp"
 
 namespace dma::cuda::detail {
@@ -24,8 +28,14 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;  // 2 warpgroups
-constexpr int kStages = 3;  // V_{c-1} read by P V, tile c, tile c+1 being copied
+constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
+constexpr int kProducers = 128;              // the third warpgroup
+constexpr int kThreads = 32 * kConsumerWarps + kProducers;
+// Registers per thread after setmaxnreg: 65536 in all, 168 each at launch.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= 65536, "registers");
+// Buffers: V_{c-1} read by P V, tile c, tiles c+1 and c+2 being copied.
+constexpr int kStages = 4;
 
 template <int D>
 struct Smem {  // byte offsets from a 1024-aligned base
@@ -34,30 +44,44 @@ struct Smem {  // byte offsets from a 1024-aligned base
   static constexpr uint32_t k = q + q_bytes;
   static constexpr uint32_t v = k + kStages * tile_bytes;
   static constexpr uint32_t keys = v + kStages * tile_bytes;
-  static constexpr uint32_t bytes = keys + kStages * sizeof(KeyTile) + 1024;  // + alignment slack
+  static constexpr uint32_t bars = keys + kStages * sizeof(KeyTile);  // full[kStages], empty[kStages]
+  static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
 };
 
-// Rows r0 .. r0+kBk of the list of tile t (gathered), or rows i0 .. i0+kRows of src (contiguous,
-// clamped), into a swizzled tile; rows past the end are zero-filled. The caller commits and waits.
+// ---- the producer warpgroup -----------------------------------------------------------------
+// Rows i0 .. i0+kTileQ of q (clamped; rows past Lq zero-filled) into the swizzled Q tile.
 template <typename T, int D>
-__device__ __forceinline__ void gather_swizzled(unsigned char* dst, const T* __restrict__ src,
-                                                const TableView& tv, int t, int r0, int n_alive) {
+__device__ __forceinline__ void produce_q(unsigned char* dst, const T* __restrict__ q_bh, int i0,
+                                          int Lq, int pt) {
   constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < kBk * kChunks; c += kThreads) {
-    const int r = c / kChunks, chunk = c % kChunks;
-    const bool valid = r0 + r < n_alive;
-    const int j = valid ? tv.candidate(t, r0 + r) : 0;
-    cp_async_16(dst + swizzled_offset<kBk>(r, chunk), src + (size_t)j * D + chunk * 8, valid);
+  for (int c = pt; c < kTileQ * kChunks; c += kProducers) {
+    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
+    cp_async_16(dst + swizzled_offset<kTileQ>(r, chunk), q_bh + (size_t)min(i, Lq - 1) * D + chunk * 8,
+                i < Lq);
   }
 }
-template <typename T, int D, int kRows>
-__device__ __forceinline__ void load_swizzled(unsigned char* dst, const T* __restrict__ src, int i0,
-                                              int L) {
+// Candidates r0 .. r0+kBk of tile t: their keys, e_j and delta_j * log2(e) into kt, then their
+// rows of k and v into the swizzled K and V tiles (rows past the list zero-filled).
+template <typename T, int D>
+__device__ __forceinline__ void produce_tile(KeyTile& kt, unsigned char* k_dst, unsigned char* v_dst,
+                                             const T* __restrict__ k_bh, const T* __restrict__ v_bh,
+                                             const int* __restrict__ evict_bh,
+                                             const float* __restrict__ delta_bh, const TableView& tv,
+                                             int t, int r0, int n_alive, int pt) {
+  if (pt < kBk) {
+    const int j = r0 + pt < n_alive ? tv.candidate(t, r0 + pt) : -1;
+    kt.key[pt] = j;
+    kt.evict[pt] = j >= 0 ? __ldg(evict_bh + j) : -1;
+    kt.delta2[pt] = j >= 0 ? __ldg(delta_bh + j) * kLog2e : 0.0f;
+  }
+  named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
   constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
-    cp_async_16(dst + swizzled_offset<kRows>(r, chunk), src + (size_t)min(i, L - 1) * D + chunk * 8,
-                i < L);
+  #pragma unroll
+  for (int c = pt; c < kBk * kChunks; c += kProducers) {
+    const int r = c / kChunks, chunk = c % kChunks, j = kt.key[r];
+    const size_t src = (size_t)max(j, 0) * D + chunk * 8;
+    cp_async_16(k_dst + swizzled_offset<kBk>(r, chunk), k_bh + src, j >= 0);
+    cp_async_16(v_dst + swizzled_offset<kBk>(r, chunk), v_bh + src, j >= 0);
   }
 }
 
@@ -89,7 +113,47 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   const TableView tv(d, a.tables, bhd);
   const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
 
-  // Descriptors (wgmma.cuh): this warpgroup's 64 rows of Q, and K_j, V_j of a buffer.
+  // At least one tile: for an empty list (never made by the mask: every query keeps a key) the
+  // consumers write o = 0 and lse = -inf, as forward.cu does.
+  const int n_tiles = max(1, (n_alive + kBk - 1) / kBk);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::bars);  // tile c is in buffer c % kStages
+  uint64_t* empty = full + kStages;                               // buffer c % kStages is free
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbarrier_init(full + st, kProducers);       // every producer thread
+      mbarrier_init(empty + st, kConsumerWarps);  // one lane of every consumer warp
+    }
+  }
+  __syncthreads();  // the barriers are initialized (the only barrier across the block)
+
+  if (warp >= kConsumerWarps) {
+    // The producer: Q, then tile after tile. Tile c waits for its buffer to be handed back
+    // (the consumers finished tile c - kStages); tile c-1 is handed over once its copies landed
+    // (waited here, so that this thread can fence them for the tensor cores before the arrive
+    // releases them).
+    set_max_registers<kProducerRegs, false>();
+    const int pt = tid - 32 * kConsumerWarps;
+    produce_q<T, D>(smem + L::q, q_bh, i0, d.Lq, pt);
+    for (int c = 0; c < n_tiles; ++c) {
+      const int st = c % kStages;
+      if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
+      produce_tile<T, D>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
+                         k_bh, v_bh, evict_bh, delta_bh, tv, q_tile, c * kBk, n_alive, pt);
+      cp_async_commit();
+      if (c > 0) {
+        cp_async_wait<1>();  // tile c-1 (and Q) landed
+        fence_proxy_async();
+        mbarrier_arrive(full + (c - 1) % kStages);
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbarrier_arrive(full + (n_tiles - 1) % kStages);
+    return;
+  }
+  set_max_registers<kConsumerRegs, true>();
+
+  // The consumers. Descriptors (sm90.cuh): this warpgroup's 64 rows of Q, and K_j, V_j of a buffer.
   auto q_desc = [&](int kk) {  // k16 step kk of D
     return descriptor(base + L::q + (kk / 4) * (kTileQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
   };
@@ -99,15 +163,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys
     return descriptor(base + L::v + buf * L::tile_bytes + kk * 16 * 128, kBk * 128, 1024);
   };
-  // Tile c of the list (keys r0 = c * kBk ...) into buffer c % kStages.
-  auto load_tile = [&](int c) {
-    const int buf = c % kStages, r0 = c * kBk;
-    load_key_tile(kts[buf], tv, q_tile, r0, n_alive, evict_bh, delta_bh);
-    gather_swizzled<T, D>(smem + L::k + buf * L::tile_bytes, k_bh, tv, q_tile, r0, n_alive);
-    gather_swizzled<T, D>(smem + L::v + buf * L::tile_bytes, v_bh, tv, q_tile, r0, n_alive);
+  auto wait_for_tile = [&](int c) { mbarrier_wait(full + c % kStages, (c / kStages) & 1); };
+  auto hand_back = [&](int c) {  // this warp's products are done with the buffers of tile c
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(empty + c % kStages);
   };
 
-  float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in wgmma.cuh)
+  float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in sm90.cuh)
   #pragma unroll
   for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
   float s[kBk / 2] = {};   // S, then P, of the current tile (64 x 64 per warpgroup)
@@ -204,29 +266,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   };
 
   // The schedule (FlashAttention-3's intra-warpgroup pipelining): while the tensor cores add
-  // P_{c-1} V_{c-1} into O, the warpgroup computes the softmax of S_c. Tile c+1 is copied
-  // meanwhile, so three buffers are live: V_{c-1} (being read), K_c and V_c, and tile c+1.
-  //   iteration c:  wait for tile c; barrier; start copying tile c+1
-  //                 issue S_c = Q K_c^T; issue O += P_{c-1} V_{c-1}
-  //                 wait for S_c; softmax -> P_c, alpha_c; wait for O; O *= alpha_c; pack P_c
-  // The barrier also means every warpgroup has finished P_{c-2} V_{c-2}, whose buffer tile
-  // c+1 takes.
-  // At least one pass: for an empty list (never made by the mask: every query keeps a key) it
-  // writes o = 0 and lse = -inf, as forward.cu does.
-  const int n_tiles = max(1, (n_alive + kBk - 1) / kBk);
-  auto wait_for_tile = [&](int c) {
-    cp_async_wait<0>();   // tile c (and Q) landed
-    fence_proxy_async();  // ... visible to the tensor cores
-    __syncthreads();      // ... for every thread's copies
-    if (c + 1 < n_tiles) load_tile(c + 1);
-    cp_async_commit();
-  };
-  load_swizzled<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq);
-  load_tile(0);
-  cp_async_commit();
-  // Tile 0 alone (no P V to overlap yet), so that the loop issues its wgmma without branches:
-  // accumulators merged from two paths would be copied while a wgmma writes them, and the
-  // compiler would then serialize every wgmma.
+  // P_{c-1} V_{c-1} into O, the warpgroup computes the softmax of S_c.
+  //   iteration c:  wait for tile c; issue S_c = Q K_c^T; issue O += P_{c-1} V_{c-1}
+  //                 wait for S_c; softmax -> P_c, alpha_c; wait for O; hand back tile c-1;
+  //                 O *= alpha_c; pack P_c
+  // Tile 0 goes alone (no P V to overlap yet), so that the loop issues its wgmma without
+  // branches: accumulators merged from two paths would be copied while a wgmma writes them, and
+  // the compiler would then serialize every wgmma.
   wait_for_tile(0);
   wgmma_fence();
   issue_s(0);
@@ -244,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     softmax(c);
     wgmma_wait<0>();
     fence_registers(o_acc);
+    hand_back(c - 1);
     rescale_o();
     pack_p();
   }

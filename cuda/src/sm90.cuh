@@ -1,7 +1,8 @@
 // Hopper (sm_90a) building blocks of the wgmma kernels (forward_sm90.cu), as thin PTX wrappers:
 //   the 128-byte swizzled shared-memory layout the tensor cores read through descriptors,
 //   wgmma.mma_async m64nNk16 (a warpgroup of 4 warps: 64 rows), with A from shared memory or
-//   from registers, and the fences that order it against ordinary code.
+//   from registers, the fences that order it against ordinary code, and the shared-memory
+//   barriers (mbarrier) by which a producer warp hands tiles to the consumer warpgroups.
 // Only compiled for compute_90a (the sm90 object library in cuda/CMakeLists.txt).
 #pragma once
 
@@ -61,6 +62,36 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 // (the async proxy): each writing thread fences after its copies landed, before the barrier.
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- mbarrier -----------------------------------------------------------------------------
+// A 64-bit barrier in shared memory that completes a phase when `count` arrivals have been
+// made; waiters poll for the phase of parity 0, 1, 0, ... An arrive releases the arriving
+// thread's earlier writes, a completed wait acquires them.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+
+// ---- warpgroup roles -------------------------------------------------------------------------
+// Moves this warpgroup's register budget to N per thread (setmaxnreg; the kernel must have a
+// register cap at launch, and every warp of the warpgroup executes it).
+template <int N, bool kIncrease>
+__device__ __forceinline__ void set_max_registers() {
+  if constexpr (kIncrease) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+  else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// A barrier among `threads` threads (whole warps) only: id 0 is __syncthreads'.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- wgmma --------------------------------------------------------------------------------
