@@ -75,13 +75,18 @@ __device__ __forceinline__ void produce_tile(KeyTile& kt, unsigned char* k_dst, 
     kt.delta2[pt] = j >= 0 ? __ldg(delta_bh + j) * kLog2e : 0.0f;
   }
   named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
-  constexpr int kChunks = D / 8;
+  // Thread pt copies chunk pt % kChunks of rows pt / kChunks, + kRowStep, ...: the chunk, and with
+  // it the swizzle (rows step by a multiple of 8), is the same for all of them.
+  constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
+  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
+  const int chunk = pt % kChunks, row0 = pt / kChunks;
+  const uint32_t dst0 = swizzled_offset<kBk>(row0, chunk);
   #pragma unroll
-  for (int c = pt; c < kBk * kChunks; c += kProducers) {
-    const int r = c / kChunks, chunk = c % kChunks, j = kt.key[r];
+  for (int r = row0, i = 0; r < kBk; r += kRowStep, ++i) {
+    const int j = kt.key[r];
     const size_t src = (size_t)max(j, 0) * D + chunk * 8;
-    cp_async_16(k_dst + swizzled_offset<kBk>(r, chunk), k_bh + src, j >= 0);
-    cp_async_16(v_dst + swizzled_offset<kBk>(r, chunk), v_bh + src, j >= 0);
+    cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, j >= 0);
+    cp_async_16(v_dst + dst0 + i * kRowStep * 128, v_bh + src, j >= 0);
   }
 }
 
@@ -153,15 +158,20 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   }
   set_max_registers<kConsumerRegs, true>();
 
-  // The consumers. Descriptors (sm90.cuh): this warpgroup's 64 rows of Q, and K_j, V_j of a buffer.
-  auto q_desc = [&](int kk) {  // k16 step kk of D
-    return descriptor(base + L::q + (kk / 4) * (kTileQ * 128) + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+  // The consumers. Descriptors (sm90.cuh) of this warpgroup's 64 rows of Q and of K_j, V_j in
+  // buffer 0; a k16 step or another buffer is a constant added to the start address field
+  // (units of 16 bytes), so the loops below add instead of re-encoding.
+  const uint64_t q_desc0 = descriptor(base + L::q + wg * 64 * 128, 16, 1024);
+  const uint64_t k_desc0 = descriptor(base + L::k, 16, 1024);
+  const uint64_t v_desc0 = descriptor(base + L::v, kBk * 128, 1024);
+  auto q_desc = [&](int kk) {  // k16 step kk of D: 32 bytes inside a 64-column block
+    return q_desc0 + (((kk / 4) * (kTileQ * 128) + (kk % 4) * 32) >> 4);
   };
   auto k_desc = [&](int buf, int kk) {
-    return descriptor(base + L::k + buf * L::tile_bytes + (kk / 4) * (kBk * 128) + (kk % 4) * 32, 16, 1024);
+    return k_desc0 + ((buf * L::tile_bytes + (kk / 4) * (kBk * 128) + (kk % 4) * 32) >> 4);
   };
-  auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys
-    return descriptor(base + L::v + buf * L::tile_bytes + kk * 16 * 128, kBk * 128, 1024);
+  auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys: 16 rows
+    return v_desc0 + ((buf * L::tile_bytes + kk * 16 * 128) >> 4);
   };
   auto wait_for_tile = [&](int c) { mbarrier_wait(full + c % kStages, (c / kStages) & 1); };
   auto hand_back = [&](int c) {  // this warp's products are done with the buffers of tile c
@@ -273,18 +283,30 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // Tile 0 goes alone (no P V to overlap yet), so that the loop issues its wgmma without
   // branches: accumulators merged from two paths would be copied while a wgmma writes them, and
   // the compiler would then serialize every wgmma.
+  // Ping-pong between the warpgroups (FlashAttention-3): they take turns to issue their
+  // products, so that one computes its softmax while the other's products run. Named barrier
+  // 2 + w is "warpgroup w's turn": w syncs on it (its 128 threads, and the 128 arrivals of the
+  // other), and after issuing signals the other's turn. Warpgroup 1 opens with warpgroup 0's turn
+  // and does not signal after its last issue, so each barrier gets as many arrivals as syncs.
+  auto my_turn = [&] { named_barrier_sync(2 + wg, 256); };
+  auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), 256); };
+  if (wg == 1) your_turn();
   wait_for_tile(0);
+  my_turn();
   wgmma_fence();
   issue_s(0);
+  your_turn();
   wgmma_wait<0>();
   fence_registers(s);
   softmax(0);
   pack_p();
   for (int c = 1; c < n_tiles; ++c) {
     wait_for_tile(c);
+    my_turn();
     wgmma_fence();
     issue_s(c);
     issue_pv(c - 1);
+    your_turn();
     wgmma_wait<1>();  // S_c is done (P_{c-1} V_{c-1} may still run)
     fence_registers(s);
     softmax(c);
@@ -294,8 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     rescale_o();
     pack_p();
   }
+  my_turn();
   wgmma_fence();  // the last tile's P V
   issue_pv(n_tiles - 1);
+  if (wg == 0) your_turn();
   wgmma_wait<0>();
   fence_registers(o_acc);
 

@@ -93,6 +93,10 @@ __device__ __forceinline__ void set_max_registers() {
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts this warp's arrival at barrier id (of `threads` threads) without waiting.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // ---- wgmma --------------------------------------------------------------------------------
 // Accumulator layout (fp32, m64nN): warp w of the warpgroup holds rows 16w .. 16w+15; for each
