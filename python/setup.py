@@ -86,7 +86,9 @@ if with_cuda:
     macros.append(("DMA_TORCH_WITH_CUDA", "1"))
     nvcc_flags = [
         "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
-        "-gencode=arch=compute_90,code=sm_90",
+        # sm_90a: the Hopper kernels (cuda/src/forward_sm90.cu: wgmma, setmaxnreg) are built
+        # and chosen at run time, as in the CMake build
+        "-gencode=arch=compute_90a,code=sm_90a", "-DDMA_HAVE_SM90=1",
         # torch adds -D__CUDA_NO_HALF_OPERATORS__ and friends; the kernels use the operators.
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",

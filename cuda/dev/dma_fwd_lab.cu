@@ -30,8 +30,19 @@
 //            the tile's candidates found by scanning evict
 //   v2 now   the same kernel reading the candidate lists the      0.448 ms, 151 TFLOP/s (42x v1)
 //            mask phase writes (cuda/src/candidates.cu): no scan  (2026-12-01, same command)
+//   v3       wgmma (cuda/src/forward_sm90.cu), in the steps that built it (same command, commit
+//            in brackets; "dense" = the same with --w 16384, 2.15e9 kept pairs):
+//            - wgmma from swizzled shared memory, every     0.405 ms, 167 TFLOP/s; dense 4.22 ms
+//              thread copying, one barrier per tile [0b88ea0]
+//            - P_{c-1} V_{c-1} during the softmax of S_c,   0.362 ms, 187 TFLOP/s; dense 3.60 ms
+//              three buffers [2e6d42d]
+//            - a producer warpgroup (setmaxnreg) and        0.330 ms, 205 TFLOP/s; dense 2.98 ms
+//              mbarriers, four buffers [6c0d07a] (one producer warp instead: 0.534 / 5.78 ms)
+//            - ping-pong of the consumer warpgroups,        0.309 ms, 219 TFLOP/s; dense 2.62 ms
+//              descriptors by addition [eb23e46]            (420 TFLOP/s)
+//            D = 64 takes blocks of 128 keys: dense 1.52 ms (362 TFLOP/s; 1.89 ms with 64).
 // The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
-// tables); v2 runs whatever cuda/src/forward.cu is.
+// tables); v2 runs whatever cuda/src/forward.cu is, v3 whatever cuda/src/forward_sm90.cu is.
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, o (B,Hq,Lq,D); k, v (B,Hkv,Lk,D); delta, evict (B,Hd,Lk);
@@ -222,6 +233,9 @@ void forward_v2(const DeviceProblem& dp) { run_forward(dp, "sm80"); }
 //     from shared memory, O += P V by wgmma m64nDk16 with P from registers;
 //   - Q, K and V in the 128-byte swizzled layout (chunk c of row r at c ^ (r % 8)) instead of
 //     padded rows, fenced for the tensor cores (fence.proxy.async) after the cp.async copies.
+//   - a producer warpgroup gathers the tiles and hands them over by mbarrier, its registers
+//     given to the two consumer warpgroups (setmaxnreg); the consumers take turns (ping-pong)
+//     and overlap P_{c-1} V_{c-1} with the softmax of S_c.
 // H200: see MEASURED above.
 void forward_v3(const DeviceProblem& dp) { run_forward(dp, "sm90"); }
 

@@ -2,23 +2,25 @@
 //
 // One block = one query tile of kTileQ = 128 queries of one (b, query head): two consumer
 // warpgroups of 64 rows each (warp w owns rows 16w .. 16w+15, as in forward.cu) and a producer
-// warpgroup that copies the tiles (its registers given to the consumers by setmaxnreg). Per tile of kBk = 64 listed keys (paper notation Q_i, K_j, V_j,
-// m, l), in the consumers:
-//   S   = Q K_j^T      wgmma m64n64k16, Q and K_j read from shared memory by descriptor
+// warpgroup that copies the tiles (its registers given to the consumers by setmaxnreg). Per
+// block of kBn listed keys (64 or 128, Plan below; paper notation Q_i, K_j, V_j, m, l), in the
+// consumers:
+//   S   = Q K_j^T      wgmma m64n{kBn}k16, Q and K_j read from shared memory by descriptor
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept      (registers, as forward.cu)
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P
 //   O   = 2^(m-m') O + P V_j   wgmma m64nDk16, P from registers, V_j from shared memory
 // Q, K_j and V_j sit in shared memory in the 128-byte swizzled layout of sm90.cuh. The producer
 // gathers the rows of K_j and V_j there with 16-byte cp.async (TMA cannot gather rows), kStages
 // tiles ahead at most, and hands each tile over through an mbarrier ("full"); the consumers hand
-// the buffer back through another ("empty"). No barrier spans the block, so the two warpgroups
-// drift apart and one's softmax overlaps the other's products; within a warpgroup,
-// P_{c-1} V_{c-1} runs on the tensor cores during the softmax of S_c (the schedule is written
-// out above the main loop).
+// the buffer back through another ("empty"); no barrier spans the block. The two consumer
+// warpgroups take turns to issue their products (ping-pong), so that one's softmax runs while
+// the other's products do; within a warpgroup, P_{c-1} V_{c-1} runs on the tensor cores during
+// the softmax of S_c (the schedule is written out above the main loop).
 //
 // What it saves over forward.cu: mma.sync needs every K/V fragment in registers of each of the
 // 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
-// reads its B operand once for 64 rows, and Q is not held in registers.
+// reads its B operand once for 64 rows, Q is not held in registers, and the copies are issued
+// by warps that do nothing else. The rungs and their figures are in cuda/dev/dma_fwd_lab.cu.
 #include "tables.cuh"
 #include "sm90.cuh"
 #include "kernels.hpp"
@@ -34,17 +36,42 @@ constexpr int kThreads = 32 * kConsumerWarps + kProducers;
 // Registers per thread after setmaxnreg: 65536 in all, 168 each at launch.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= 65536, "registers");
-// Buffers: V_{c-1} read by P V, tile c, tiles c+1 and c+2 being copied.
-constexpr int kStages = 4;
 
-template <int D>
+// The keys of one block of kBn candidates: the keys (-1 past the end of the list), their e_j and
+// delta_j * log2(e).
+template <int kBn>
+struct KeyBlock {
+  int key[kBn];
+  int evict[kBn];
+  float delta2[kBn];
+};
+// True when every key of the block is kept by every query position in [p_lo, p_hi] (a warp's
+// 16 rows need no element mask). Warp-uniform; call from all lanes of a warp.
+template <int kBn>
+__device__ __forceinline__ bool block_kept_by(const KeyBlock<kBn>& kb, int p_lo, int p_hi) {
+  bool ok = true;
+  #pragma unroll
+  for (int e = threadIdx.x % 32; e < kBn; e += 32)
+    ok = ok && kb.key[e] >= 0 && kb.key[e] <= p_lo && kb.evict[e] >= p_hi;
+  return __all_sync(0xffffffffu, ok);
+}
+
+// kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks
+// c+1 .. being copied. Measured on the H200 (cuda/dev/dma_fwd_lab, 16K): D = 64 runs blocks of
+// 128 keys (dense 1.52 ms against 1.89 with 64); at D = 128, 128-key blocks leave room for two
+// buffers only (3.25 ms against 2.63), and 96 keys in three buffers gave 3.13.
+template <int D> struct Plan;
+template <> struct Plan<64> { static constexpr int kBn = 128, kStages = 4; };
+template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 4; };
+
+template <int D, int kBn, int kStages>
 struct Smem {  // byte offsets from a 1024-aligned base
   static constexpr uint32_t q = 0, q_bytes = kTileQ * D * 2;
-  static constexpr uint32_t tile_bytes = kBk * D * 2;  // one K or V tile
+  static constexpr uint32_t tile_bytes = kBn * D * 2;  // one K or V tile
   static constexpr uint32_t k = q + q_bytes;
   static constexpr uint32_t v = k + kStages * tile_bytes;
   static constexpr uint32_t keys = v + kStages * tile_bytes;
-  static constexpr uint32_t bars = keys + kStages * sizeof(KeyTile);  // full[kStages], empty[kStages]
+  static constexpr uint32_t bars = keys + kStages * sizeof(KeyBlock<kBn>);  // full[kStages], empty[kStages]
   static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
 };
 
@@ -60,15 +87,15 @@ __device__ __forceinline__ void produce_q(unsigned char* dst, const T* __restric
                 i < Lq);
   }
 }
-// Candidates r0 .. r0+kBk of tile t: their keys, e_j and delta_j * log2(e) into kt, then their
+// Candidates r0 .. r0+kBn of tile t: their keys, e_j and delta_j * log2(e) into kt, then their
 // rows of k and v into the swizzled K and V tiles (rows past the list zero-filled).
-template <typename T, int D>
-__device__ __forceinline__ void produce_tile(KeyTile& kt, unsigned char* k_dst, unsigned char* v_dst,
+template <typename T, int D, int kBn>
+__device__ __forceinline__ void produce_tile(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
                                              const T* __restrict__ k_bh, const T* __restrict__ v_bh,
                                              const int* __restrict__ evict_bh,
                                              const float* __restrict__ delta_bh, const TableView& tv,
                                              int t, int r0, int n_alive, int pt) {
-  if (pt < kBk) {
+  if (pt < kBn) {
     const int j = r0 + pt < n_alive ? tv.candidate(t, r0 + pt) : -1;
     kt.key[pt] = j;
     kt.evict[pt] = j >= 0 ? __ldg(evict_bh + j) : -1;
@@ -80,9 +107,9 @@ __device__ __forceinline__ void produce_tile(KeyTile& kt, unsigned char* k_dst, 
   constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
   static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
   const int chunk = pt % kChunks, row0 = pt / kChunks;
-  const uint32_t dst0 = swizzled_offset<kBk>(row0, chunk);
+  const uint32_t dst0 = swizzled_offset<kBn>(row0, chunk);
   #pragma unroll
-  for (int r = row0, i = 0; r < kBk; r += kRowStep, ++i) {
+  for (int r = row0, i = 0; r < kBn; r += kRowStep, ++i) {
     const int j = kt.key[r];
     const size_t src = (size_t)max(j, 0) * D + chunk * 8;
     cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, j >= 0);
@@ -90,14 +117,17 @@ __device__ __forceinline__ void produce_tile(KeyTile& kt, unsigned char* k_dst, 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kBn, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnArgs a) {
+  // (With two buffers the producer would wait for a buffer that the consumers free only after
+  // receiving the block it has not handed over yet.)
+  static_assert(kStages >= 3, "the producer hands block c-1 over after starting block c");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Smem<D>;
+  using L = Smem<D, kBn, kStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t base = smem_addr(smem);
-  KeyTile* kts = reinterpret_cast<KeyTile*>(smem + L::keys);
+  KeyBlock<kBn>* kts = reinterpret_cast<KeyBlock<kBn>*>(smem + L::keys);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -120,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
 
   // At least one tile: for an empty list (never made by the mask: every query keeps a key) the
   // consumers write o = 0 and lse = -inf, as forward.cu does.
-  const int n_tiles = max(1, (n_alive + kBk - 1) / kBk);
+  const int n_tiles = max(1, (n_alive + kBn - 1) / kBn);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::bars);  // tile c is in buffer c % kStages
   uint64_t* empty = full + kStages;                               // buffer c % kStages is free
   if (tid == 0) {
@@ -142,8 +172,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
-      produce_tile<T, D>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                         k_bh, v_bh, evict_bh, delta_bh, tv, q_tile, c * kBk, n_alive, pt);
+      produce_tile<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
+                         k_bh, v_bh, evict_bh, delta_bh, tv, q_tile, c * kBn, n_alive, pt);
       cp_async_commit();
       if (c > 0) {
         cp_async_wait<1>();  // tile c-1 (and Q) landed
@@ -163,14 +193,14 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // (units of 16 bytes), so the loops below add instead of re-encoding.
   const uint64_t q_desc0 = descriptor(base + L::q + wg * 64 * 128, 16, 1024);
   const uint64_t k_desc0 = descriptor(base + L::k, 16, 1024);
-  const uint64_t v_desc0 = descriptor(base + L::v, kBk * 128, 1024);
+  const uint64_t v_desc0 = descriptor(base + L::v, kBn * 128, 1024);
   auto q_desc = [&](int kk) {  // k16 step kk of D: 32 bytes inside a 64-column block
     return q_desc0 + (((kk / 4) * (kTileQ * 128) + (kk % 4) * 32) >> 4);
   };
   auto k_desc = [&](int buf, int kk) {
-    return k_desc0 + ((buf * L::tile_bytes + (kk / 4) * (kBk * 128) + (kk % 4) * 32) >> 4);
+    return k_desc0 + ((buf * L::tile_bytes + (kk / 4) * (kBn * 128) + (kk % 4) * 32) >> 4);
   };
-  auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBk keys: 16 rows
+  auto v_desc = [&](int buf, int kk) {  // k16 step kk of the kBn keys: 16 rows
     return v_desc0 + ((buf * L::tile_bytes + kk * 16 * 128) >> 4);
   };
   auto wait_for_tile = [&](int c) { mbarrier_wait(full + c % kStages, (c / kStages) & 1); };
@@ -182,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in sm90.cuh)
   #pragma unroll
   for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
-  float s[kBk / 2] = {};   // S, then P, of the current tile (64 x 64 per warpgroup)
-  uint32_t pf[kBk / 16][4];  // P of the previous tile as the register A operand of P V
+  float s[kBn / 2] = {};   // S, then P, of the current tile (64 x 64 per warpgroup)
+  uint32_t pf[kBn / 16][4];  // P of the previous tile as the register A operand of P V
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
   const int p_row[2] = {position(row[0]), position(row[1])};
@@ -193,12 +223,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // S (the 64 x 64 accumulators) -> P of tile c in place: mask, online softmax (base 2), as in
   // forward.cu (s[4n + e] is forward.cu's s[n][e]); alpha = 2^(m - m') for the rescale of O.
   auto softmax = [&](int c) {
-    const KeyTile& kt = kts[c % kStages];
-    const int r0 = c * kBk, nt = min(kBk, n_alive - r0);
+    const KeyBlock<kBn>& kt = kts[c % kStages];
+    const int r0 = c * kBn, nt = min(kBn, n_alive - r0);
     float row_max[2] = {-INFINITY, -INFINITY};
-    if (r0 + kBk <= n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
+    if (r0 + kBn <= n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) {
+      for (int n = 0; n < kBn / 8; ++n) {
         const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -209,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       }
     } else {
       #pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) {
+      for (int n = 0; n < kBn / 8; ++n) {
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = n * 8 + t4 * 2 + e;
@@ -235,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       alpha[r] = exp2f(m_row[r] - m_use);                     // 0 when m_row was -inf
       float sum = 0.0f;
       #pragma unroll
-      for (int n = 0; n < kBk / 8; ++n) {
+      for (int n = 0; n < kBn / 8; ++n) {
         s[4 * n + 2 * r] = fast_exp2(s[4 * n + 2 * r] - m_use);
         s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - m_use);
         sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
@@ -257,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // P as register A operand: k16 slice kk is the accumulators of column blocks 2kk, 2kk+1.
   auto pack_p = [&] {
     #pragma unroll
-    for (int kk = 0; kk < kBk / 16; ++kk) {
+    for (int kk = 0; kk < kBn / 16; ++kk) {
       pf[kk][0] = Elem<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
       pf[kk][1] = Elem<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
       pf[kk][2] = Elem<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
@@ -266,12 +296,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   };
   auto issue_s = [&](int c) {  // S = Q K_c^T, asynchronous
     #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_64x64_ss<T>(s, q_desc(kk), k_desc(c % kStages, kk), kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, kBn>(s, q_desc(kk), k_desc(c % kStages, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int c) {  // O += P_c V_c, asynchronous
     #pragma unroll
-    for (int kk = 0; kk < kBk / 16; ++kk) wgmma_rs<T, D>(o_acc, pf[kk], v_desc(c % kStages, kk));
+    for (int kk = 0; kk < kBn / 16; ++kk) wgmma_rs<T, D>(o_acc, pf[kk], v_desc(c % kStages, kk));
     wgmma_commit();
   };
 
@@ -345,11 +375,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
 
 template <typename T, int D>
 void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  constexpr size_t smem = Smem<D>::bytes;
-  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_sm90_kernel<T, D>,
+  constexpr int kBn = Plan<D>::kBn, kStages = Plan<D>::kStages;
+  constexpr size_t smem = Smem<D, kBn, kStages>::bytes;
+  DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_sm90_kernel<T, D, kBn, kStages>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   const dim3 grid(table_tiles(d), d.Hq, d.B);
-  forward_sm90_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  forward_sm90_kernel<T, D, kBn, kStages><<<grid, kThreads, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(forward_sm90_kernel);
 }
 

@@ -107,6 +107,10 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 #define DMA_WGMMA_D32                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define DMA_WGMMA_D48                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 #define DMA_WGMMA_D64                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
@@ -115,20 +119,31 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 #define DMA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
                     "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define DMA_ACC32 DMA_ACC8(0), DMA_ACC8(8), DMA_ACC8(16), DMA_ACC8(24)
-#define DMA_ACC64 DMA_ACC32, DMA_ACC8(32), DMA_ACC8(40), DMA_ACC8(48), DMA_ACC8(56)
+#define DMA_ACC48 DMA_ACC32, DMA_ACC8(32), DMA_ACC8(40)
+#define DMA_ACC64 DMA_ACC48, DMA_ACC8(48), DMA_ACC8(56)
 
-// d (64x64) = A (64x16) B (16x64) + (accumulate ? d : 0); A and B K-major in shared memory.
-template <typename T>
-__device__ __forceinline__ void wgmma_64x64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                               bool accumulate) {
-#define DMA_WGMMA_SS(TYPE)                                                                \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " DMA_WGMMA_D32 \
-               ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                          \
-               : DMA_ACC32                                                                \
+// d (64xN) = A (64x16) B (16xN) + (accumulate ? d : 0); A and B K-major in shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                         bool accumulate) {
+  static_assert(N == 64 || N == 96 || N == 128, "S = Q K^T for key blocks of 64, 96 and 128");
+#define DMA_WGMMA_SS(NN, TYPE, REGS, ACC, A, B, P)                                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS  \
+               ", %" #A ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                  \
+               : ACC                                                                       \
                : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)))
-  if constexpr (std::is_same_v<T, __half>) DMA_WGMMA_SS("f16");
-  else DMA_WGMMA_SS("bf16");
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (N == 64) {
+    if constexpr (kHalf) DMA_WGMMA_SS(64, "f16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34);
+    else DMA_WGMMA_SS(64, "bf16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34);
+  } else if constexpr (N == 96) {
+    if constexpr (kHalf) DMA_WGMMA_SS(96, "f16", DMA_WGMMA_D48, DMA_ACC48, 48, 49, 50);
+    else DMA_WGMMA_SS(96, "bf16", DMA_WGMMA_D48, DMA_ACC48, 48, 49, 50);
+  } else {
+    if constexpr (kHalf) DMA_WGMMA_SS(128, "f16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66);
+    else DMA_WGMMA_SS(128, "bf16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66);
+  }
 #undef DMA_WGMMA_SS
 }
 
@@ -161,9 +176,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 }
 
 #undef DMA_ACC64
+#undef DMA_ACC48
 #undef DMA_ACC32
 #undef DMA_ACC8
 #undef DMA_WGMMA_D64
+#undef DMA_WGMMA_D48
 #undef DMA_WGMMA_D32
 
 }  // namespace dma::cuda::detail::sm90
