@@ -2,13 +2,16 @@
 // both caches start from the same prompt forward and see the same rounded tokens and the GPU's
 // fp32 delta, so they must hold the same positions after every step, report the same evictions,
 // and give o and lse within bf16 tolerance (relative L2 1e-2, docs/design.md §5). Outputs are
-// poisoned before every step; rows of inactive sequences must come back as zeros.
+// poisoned before every step; rows of inactive sequences must come back as zeros. A cache whose
+// memory holds garbage and that only prefill and reset_sequence set up steps bit for bit as one
+// that reset_cache set up.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -51,6 +54,26 @@ std::vector<int64_t> device_positions(const dc::DecodeConfig& c, const dc::Devic
   return out;
 }
 
+// The GPU forward over prompts (fc: Lq = Lk = P, causal), holding what prefill takes: k, v as the
+// device's elements, delta and the mask state (evict_of). q, k, v (B,Hq,P,D), (B,Hkv,P,D) x2,
+// rounded to fc.precision.
+struct PromptForward {
+  DeviceMem k, v, delta, mask_state;
+  PromptForward(const dc::Config& fc, const std::vector<float>& q_in, const std::vector<float>& k_in,
+                const std::vector<float>& v_in, const DeviceMem& w_dt, const DeviceMem& a)
+      : k(as_elems(k_in, fc.precision)), v(as_elems(v_in, fc.precision)),
+        delta(size_t(fc.shape.delta_numel()) * 4), mask_state(dc::mask_state_bytes(fc)) {
+    DeviceMem q(as_elems(q_in, fc.precision)), o(size_t(fc.shape.q_numel()) * 4),
+        lse(size_t(fc.shape.lse_numel()) * 4), status(8), workspace(dc::workspace_bytes(fc));
+    dc::ForwardBuffers f;
+    f.q = q.ptr, f.k = k.ptr, f.v = v.ptr, f.w_dt = w_dt.as<float>(), f.a = a.as<float>();
+    f.delta = delta.as<float>(), f.mask_state = mask_state.ptr, f.o = o.as<float>(), f.lse = lse.as<float>();
+    f.status = status.as<int64_t>();
+    dc::forward(fc, f, workspace.ptr, workspace.bytes, nullptr);
+    dc::check_status(fc, f.status, nullptr);  // waits: the scratch above may be freed
+  }
+};
+
 // The prompt of sequence b through the GPU forward (B = 1, Lq = Lk = P), then into both caches.
 void prefill_both(const DecodeCase& tc, const dma::Problem<float>& p, const dc::DecodeConfig& c,
                   const dc::DeviceCache& cache, dma::DecodeCache<float>& cpu, const DeviceMem& w_dt,
@@ -64,20 +87,10 @@ void prefill_both(const DecodeCase& tc, const dma::Problem<float>& p, const dc::
     return;
   }
   const dma::Prompt<float> with_q = dma::prompt_of(p, b, P);
-  dc::Config fc{c.layer.shape(P, P), c.layer.options(), tc.precision};
-  DeviceMem q(as_elems(with_q.q, tc.precision)), k(as_elems(with_q.k, tc.precision)),
-      v(as_elems(with_q.v, tc.precision));
-  DeviceMem delta(size_t(fc.shape.delta_numel()) * 4), mask_state(dc::mask_state_bytes(fc)),
-      o(size_t(fc.shape.q_numel()) * 4), lse(size_t(fc.shape.lse_numel()) * 4), status(8),
-      workspace(dc::workspace_bytes(fc));
-  dc::ForwardBuffers f;
-  f.q = q.ptr, f.k = k.ptr, f.v = v.ptr, f.w_dt = w_dt.as<float>(), f.a = a.as<float>();
-  f.delta = delta.as<float>(), f.mask_state = mask_state.ptr, f.o = o.as<float>(), f.lse = lse.as<float>();
-  f.status = status.as<int64_t>();
-  dc::forward(fc, f, workspace.ptr, workspace.bytes, nullptr);
-  dc::check_status(fc, f.status, nullptr);
-  dc::prefill(c, cache, b, 1, P, k.ptr, v.ptr, f.delta, dc::evict_of(mask_state.ptr), nullptr);
-  prompt.delta = to_host<float>(delta.ptr, size_t(fc.shape.delta_numel()));  // the GPU's delta
+  const dc::Config fc{c.layer.shape(P, P), c.layer.options(), tc.precision};
+  const PromptForward f(fc, with_q.q, with_q.k, with_q.v, w_dt, a);
+  dc::prefill(c, cache, b, 1, P, f.k.ptr, f.v.ptr, f.delta.as<float>(), dc::evict_of(f.mask_state.ptr), nullptr);
+  prompt.delta = to_host<float>(f.delta.ptr, size_t(fc.shape.delta_numel()));  // the GPU's delta
   dma::prefill(cpu, b, prompt, {}, {});
 }
 
@@ -199,6 +212,10 @@ TEST_SUITE("cuda") {
         {2, 16, 8, 8, 128, 512, 700, Form::exp, Precision::bf16, {600, 520}},      // the benchmark's heads
         {17, 16, 1, 16, 64, 300, 330, Form::exp, Precision::bf16, {310, 305, 300, 310, 0, 301, 310, 290, 310, 309, 310, 299, 310, 250, 310, 310, 302}},
         // B*Hd = 272: one block per (b, hd), three rounds of loads per block
+        {17, 20, 4, 4, 128, 512, 150, Form::exp, Precision::bf16, {140, 127, 128, 120, 149, 135, 110, 121, 130, 146, 129, 137, 126, 144, 133, 138, 131}},
+        // B*Hd = 68: 4 splits of 128 slots, the first walked in two rounds of loads, the second
+        // filling (some caches cross slot 128 while stepping), the others empty; 5 query heads per
+        // delta head: two chunks of heads in the attention and in combine_splits
     };
     uint64_t seed = dma_test::test_seed();
     for (const DecodeCase& tc : cases) {
@@ -242,6 +259,85 @@ TEST_SUITE("cuda") {
     err.clear();
     try { dc::step(c, cache, sb, workspace.ptr, 16, nullptr); } catch (const dma::Error& e) { err = e.what(); }
     CHECK(err.find("the workspace has 16 bytes") != std::string::npos);
+    const dc::DeviceCache unaligned = dc::cache_in(c, static_cast<char*>(cache_mem.ptr) + 8);
+    err.clear();
+    try { dc::reset_cache(c, unaligned, nullptr); } catch (const dma::Error& e) { err = e.what(); }
+    CHECK(err == "cuda decode: cache.k is not 16-byte aligned");  // the step loads k, v 16 bytes at a time
+  }
+
+  TEST_CASE("cuda decode: sequences that only prefill or reset_sequence set up step as after reset_cache") {
+    // Two caches take the same prompts and tokens: one set up as run_case does (reset_cache, then
+    // prefill), one whose memory holds 0x01 in every byte (every arrival counter 0x01010101) that
+    // only prefill (sequences 1 and 2, one call) and reset_sequence (sequence 0) set up. A counter
+    // left non-zero keeps the last block of a (b, hd) from merging (o stays NaN) or length[b] from
+    // advancing; the kernels are deterministic, so the two caches must agree bit for bit.
+    const int64_t P = 150, steps = 4;  // w = 128: the prompts fill their caches; 2 splits per (b, hd)
+    const dma::Shape prompt_shape = dma_test::make_shape(2, 4, 2, 2, P, P, 128);
+    const dma::Options opt = dma_test::make_options(128);
+    dma::Problem<float> p = dma::random_problem<float>(prompt_shape, opt, dma_test::test_seed() + 11, false);
+    for (std::vector<float>* x : {&p.q, &p.k, &p.v}) *x = dma::round_to_precision(*x, Precision::bf16);
+    DeviceMem w_dt(p.w_dt), a(p.a);
+    const PromptForward f(dc::Config{prompt_shape, opt, Precision::bf16}, p.q, p.k, p.v, w_dt, a);
+
+    dma::Shape s = prompt_shape;
+    s.B = 3;
+    const dc::DecodeConfig c{dma::decode_config(s, opt), Precision::bf16};
+    DeviceMem mem_want(dc::cache_bytes(c)), mem_got(dc::cache_bytes(c));
+    DeviceMem workspace(dc::step_workspace_bytes(c)), status(8);
+    REQUIRE(cudaMemset(mem_want.ptr, 0xff, mem_want.bytes) == cudaSuccess);  // unused slots: NaN
+    REQUIRE(cudaMemset(mem_got.ptr, 0x01, mem_got.bytes) == cudaSuccess);
+    const dc::DeviceCache want_cache = dc::cache_in(c, mem_want.ptr);
+    const dc::DeviceCache got_cache = dc::cache_in(c, mem_got.ptr);
+    dc::reset_cache(c, want_cache, nullptr);
+    dc::reset_sequence(c, got_cache, 0, nullptr);
+    for (const dc::DeviceCache& cache : {want_cache, got_cache})
+      dc::prefill(c, cache, 1, 2, P, f.k.ptr, f.v.ptr, f.delta.as<float>(), dc::evict_of(f.mask_state.ptr),
+                  nullptr);
+    dc::reset_status(status.as<int64_t>(), nullptr);
+
+    DeviceMem q(size_t(s.B * s.Hq * s.D) * 2), k(size_t(s.B * s.Hkv * s.D) * 2), v(size_t(s.B * s.Hkv * s.D) * 2);
+    DeviceMem o(size_t(s.B * s.Hq * s.D) * 4), lse(size_t(s.B * s.Hq) * 4);
+    DeviceMem delta_out(size_t(s.B * s.Hd) * 4), evicted(size_t(s.B * s.Hd) * 4);
+    dc::StepBuffers sb;
+    sb.q = q.ptr, sb.k = k.ptr, sb.v = v.ptr, sb.w_dt = w_dt.as<float>(), sb.a = a.as<float>();
+    sb.o = o.as<float>(), sb.lse = lse.as<float>(), sb.delta_out = delta_out.as<float>();
+    sb.evicted = evicted.as<int32_t>(), sb.status = status.as<int64_t>();
+    // What a step of one cache gives and leaves: its outputs, then count, length and the counters.
+    struct Seen {
+      std::vector<float> o, lse, delta;
+      std::vector<int32_t> evicted, count, length, arrivals;
+    };
+    auto run_step = [&](const dc::DeviceCache& cache) {
+      REQUIRE(cudaMemset(o.ptr, 0xff, o.bytes) == cudaSuccess);  // NaN: every element must be written
+      REQUIRE(cudaMemset(lse.ptr, 0xff, lse.bytes) == cudaSuccess);
+      dc::step(c, cache, sb, workspace.ptr, workspace.bytes, nullptr);
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+      const size_t heads = size_t(s.B * s.Hd);
+      return Seen{to_host<float>(o.ptr, size_t(s.B * s.Hq * s.D)), to_host<float>(lse.ptr, size_t(s.B * s.Hq)),
+                  to_host<float>(delta_out.ptr, heads), to_host<int32_t>(evicted.ptr, heads),
+                  to_host<int32_t>(cache.count, heads), to_host<int32_t>(cache.length, size_t(s.B)),
+                  to_host<int32_t>(cache.arrivals, heads + size_t(s.B))};
+    };
+    std::mt19937_64 rng(dma_test::test_seed() + 12);
+    for (int64_t t = 0; t < steps; ++t) {
+      CAPTURE(t);
+      q.upload(as_elems(dma_test::randn<float>(rng, s.B * s.Hq * s.D), Precision::bf16));
+      k.upload(as_elems(dma_test::randn<float>(rng, s.B * s.Hkv * s.D), Precision::bf16));
+      v.upload(as_elems(dma_test::randn<float>(rng, s.B * s.Hkv * s.D), Precision::bf16));
+      const Seen want = run_step(want_cache), got = run_step(got_cache);
+      CHECK(std::none_of(want.o.begin(), want.o.end(), [](float x) { return std::isnan(x); }));
+      CHECK(dma_test::bitwise_equal(got.o, want.o));
+      CHECK(dma_test::bitwise_equal(got.lse, want.lse));
+      CHECK(dma_test::bitwise_equal(got.delta, want.delta));
+      CHECK(got.evicted == want.evicted);
+      CHECK(got.count == want.count);
+      CHECK(got.length == std::vector<int32_t>{int32_t(t + 1), int32_t(P + t + 1), int32_t(P + t + 1)});
+      CHECK(got.arrivals == std::vector<int32_t>(size_t(s.B * (s.Hd + 1)), 0));
+      for (int64_t b = 0; b < s.B; ++b)
+        for (int64_t hd = 0; hd < s.Hd; ++hd)
+          CHECK(device_positions(c, got_cache, b, hd) == device_positions(c, want_cache, b, hd));
+    }
+    dc::check_step_status(c, status.as<int64_t>(), nullptr);
   }
 
   TEST_CASE("cuda decode: a step captured in a CUDA graph replays as plain steps do") {

@@ -8,9 +8,10 @@
 // (the production forward's) and do.
 //   1. validates it on small problems against the float64 reference (docs/design.md §5): inputs
 //      from dma::random_problem rounded to bf16, delta and the mask state from the device API,
-//      the reference dma::run_pipeline<double> given that delta. The outputs are poisoned with
-//      NaN first and every element must be written; dq, dk, dv, ddelta within relative L2 2e-2;
-//      the keys no query keeps get exactly zero dk, dv and ddelta;
+//      the reference dma::run_pipeline<double> given that delta. The GPU's evict must equal the
+//      reference's; the outputs are poisoned with NaN first and every element must be written;
+//      dq, dk, dv, ddelta within relative L2 2e-2; the keys no query keeps get exactly zero dk,
+//      dv and ddelta;
 //   2. times it on the problem of the flags, as TFLOP/s on the kept pairs: 10*D flops per kept
 //      pair (q.k and do.v recomputed, dv += p do, dk += ds q, dq += ds k), bench/dma_bench's count.
 // Exit status: 0 pass, 1 a failed validation (or a CUDA error), 2 a bad argument, 77 no usable
@@ -280,6 +281,7 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   LAB_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> dq = dp.dq.download(), dk = dp.dk.download(), dv = dp.dv.download(),
                            ddelta = dp.ddelta.download(), delta = dp.delta.download();
+  const std::vector<int32_t> evict = dp.download_evict();
 
   // The float64 reference on the same bf16 values, given the GPU's delta (so dv is attention's
   // only: no gradient through delta's formula).
@@ -292,6 +294,25 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   ref.dout = lab::widen(dma::round_to_precision(p.dout, kPrecision));
   ref.delta = lab::widen(delta);
   const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
+
+  // The kernels ran on the GPU's mask state, the reference on its own: given the same delta every
+  // e_j must agree, else the gradients (and the zero check below, which reads the reference's)
+  // would compare different masks.
+  int64_t evict_diff = 0, first_diff = -1;
+  for (size_t n = 0; n < evict.size(); ++n)
+    if (int64_t(evict[n]) != r.evict[n]) {
+      if (first_diff < 0) first_diff = int64_t(n);
+      ++evict_diff;
+    }
+  std::printf("    evict: %lld of %zu differ from the reference's", (long long)evict_diff, evict.size());
+  if (first_diff >= 0) {
+    const int64_t Lk = cs.s.Lk, Hd = cs.s.Hd;
+    std::printf(", the first at b %lld hd %lld j %lld: GPU e_j %d, reference %lld",
+                (long long)(first_diff / Lk / Hd), (long long)(first_diff / Lk % Hd),
+                (long long)(first_diff % Lk), evict[size_t(first_diff)],
+                (long long)r.evict[size_t(first_diff)]);
+  }
+  std::printf("\n");
 
   // Keys no query keeps (by the reference's evict and the mask rule) get exactly zero gradients:
   // ddelta per delta head; dk and dv where no delta head of their kv head keeps them. (Not "where
@@ -323,7 +344,7 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   const bool ok_dk = lab::report("dk", dk, r.grads.dk, D, kRelL2Bar, 0);
   const bool ok_dv = lab::report("dv", dv, r.grads.dv, D, kRelL2Bar, 0);
   const bool ok_dd = lab::report("ddelta", ddelta, r.grads.ddelta, cs.s.Lk, kRelL2Bar, 0);
-  const bool ok = not_zero == 0 && ok_dq && ok_dk && ok_dv && ok_dd;
+  const bool ok = evict_diff == 0 && not_zero == 0 && ok_dq && ok_dk && ok_dv && ok_dd;
   std::printf("    %s\n", ok ? "OK" : "MISMATCH");
   return ok;
 }

@@ -19,7 +19,8 @@
 // left it. The merge order is fixed, so the result does not depend on which block came last.
 //
 // Prefill (decode_prefill_kernel, grid (Hd, n)) compacts { j < P : e_j >= P-1 } of a prompt
-// forward into the slots, in position order.
+// forward into the slots, in position order, and zeroes the sequences' arrival counters, so that
+// a sequence of a new cache (any bytes) that prefill or reset_sequence sets up can step.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -441,6 +442,8 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeDims d, Ste
       if (n < d.w) s.ccount[bh] = n + 1;
     }
   }
+  __threadfence();  // the new entry is visible on the device before this delta head arrives
+  __syncthreads();  // every thread's fence is done
   if (tid == 0) {
     if (s.delta_out) s.delta_out[bh] = delta_new;
     if (s.evicted) s.evicted[bh] = ok ? evicted : -1;
@@ -449,12 +452,14 @@ __global__ void __launch_bounds__(kThreads) decode_step_kernel(DecodeDims d, Ste
     // block's reads are complete before its arrival)
     if (atomicAdd(s.seq_arrivals + b, 1) == d.Hd - 1) {
       s.seq_arrivals[b] = 0;
+      __threadfence();  // every delta head's new entry is visible before the length that counts it
       s.clength[b] = p + 1;
     }
   }
 }
 
-// Compacts the kept keys of a prompt of P tokens into the slots of sequence first + blockIdx.y.
+// Compacts the kept keys of a prompt of P tokens into the slots of sequence first + blockIdx.y
+// and zeroes its arrival counters (those of a new cache hold whatever the memory held).
 template <int D>
 __global__ void __launch_bounds__(256) decode_prefill_kernel(DecodeDims d, int first, int P,
                                                              const uint16_t* __restrict__ k,
@@ -463,7 +468,8 @@ __global__ void __launch_bounds__(256) decode_prefill_kernel(DecodeDims d, int f
                                                              const int* __restrict__ evict,
                                                              uint16_t* ck, uint16_t* cv,
                                                              float* cdelta, int* cpos, int* ccount,
-                                                             int* clength) {
+                                                             int* clength, int* arrivals,
+                                                             int* seq_arrivals) {
   const int hd = blockIdx.x, bi = blockIdx.y, b = first + bi, bh = b * d.Hd + hd;
   const int hk = d.kv_head_of_delta_head(hd), tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int* evict_bh = evict + ((size_t)bi * d.Hd + hd) * P;
@@ -489,7 +495,7 @@ __global__ void __launch_bounds__(256) decode_prefill_kernel(DecodeDims d, int f
     __syncthreads();  // warp_count is read before the next chunk overwrites it
   }
   const int count = base < d.w ? base : d.w;
-  if (tid == 0) ccount[bh] = count;
+  if (tid == 0) ccount[bh] = count, arrivals[bh] = 0;
   __syncthreads();  // the positions written above are visible to the whole block
   for (int e = tid; e < count * D; e += 256) {
     const int slot = e / D, dd = e % D;
@@ -497,7 +503,7 @@ __global__ void __launch_bounds__(256) decode_prefill_kernel(DecodeDims d, int f
     ck[((size_t)bh * d.w + slot) * D + dd] = k[(((size_t)bi * d.Hkv + hk) * P + j) * D + dd];
     cv[((size_t)bh * d.w + slot) * D + dd] = v[(((size_t)bi * d.Hkv + hk) * P + j) * D + dd];
   }
-  if (tid == 0 && hd == 0) clength[b] = P;
+  if (tid == 0 && hd == 0) clength[b] = P, seq_arrivals[b] = 0;
 }
 
 // ---- host side ------------------------------------------------------------------------------
@@ -564,7 +570,7 @@ size_t step_bytes(const DecodeDims& d) {
 template <typename T>
 T* offset(void* base, size_t bytes) { return reinterpret_cast<T*>(static_cast<char*>(base) + bytes); }
 
-// The kernels load 16 bytes at a time from the new tokens and w_dt.
+// The step loads 16 bytes at a time from the new tokens, w_dt and the cached k, v.
 void require_aligned(const void* p, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
     throw dma::Error(std::string("cuda decode: ") + what + " is not 16-byte aligned");
@@ -574,6 +580,17 @@ void require_cache(const DeviceCache& cache) {
   require(cache.k, "cache.k"), require(cache.v, "cache.v"), require(cache.delta, "cache.delta");
   require(cache.pos, "cache.pos"), require(cache.count, "cache.count"), require(cache.length, "cache.length");
   require(cache.arrivals, "cache.arrivals");
+  require_aligned(cache.k, "cache.k"), require_aligned(cache.v, "cache.v");
+}
+
+// Sequences first .. first+n-1 empty (count = length = 0), their arrival counters zeroed.
+void empty_sequences(const DecodeDims& d, const DeviceCache& cache, int64_t first, int64_t n,
+                     cudaStream_t stream) {
+  const size_t head_bytes = (size_t)n * d.Hd * sizeof(int32_t), seq_bytes = (size_t)n * sizeof(int32_t);
+  DMA_CUDA_CHECK(cudaMemsetAsync(cache.count + first * d.Hd, 0, head_bytes, stream));
+  DMA_CUDA_CHECK(cudaMemsetAsync(cache.length + first, 0, seq_bytes, stream));
+  DMA_CUDA_CHECK(cudaMemsetAsync(cache.arrivals + first * d.Hd, 0, head_bytes, stream));
+  DMA_CUDA_CHECK(cudaMemsetAsync(cache.arrivals + (size_t)d.B * d.Hd + first, 0, seq_bytes, stream));
 }
 
 }  // namespace
@@ -605,9 +622,7 @@ DeviceCache cache_in(const DecodeConfig& c, void* memory) {
 void reset_cache(const DecodeConfig& c, const DeviceCache& cache, Stream stream) {
   const DecodeDims d = make_decode_dims(c);
   require_cache(cache);
-  DMA_CUDA_CHECK(cudaMemsetAsync(cache.count, 0, (size_t)d.B * d.Hd * sizeof(int32_t), as_stream(stream)));
-  DMA_CUDA_CHECK(cudaMemsetAsync(cache.length, 0, (size_t)d.B * sizeof(int32_t), as_stream(stream)));
-  DMA_CUDA_CHECK(cudaMemsetAsync(cache.arrivals, 0, (size_t)d.B * (d.Hd + 1) * sizeof(int32_t), as_stream(stream)));
+  empty_sequences(d, cache, 0, d.B, as_stream(stream));
 }
 
 void reset_sequence(const DecodeConfig& c, const DeviceCache& cache, int64_t b, Stream stream) {
@@ -615,8 +630,7 @@ void reset_sequence(const DecodeConfig& c, const DeviceCache& cache, int64_t b, 
   require_cache(cache);
   if (b < 0 || b >= d.B)
     throw dma::Error("decode: sequence " + std::to_string(b) + " does not exist (B = " + std::to_string(d.B) + ")");
-  DMA_CUDA_CHECK(cudaMemsetAsync(cache.count + b * d.Hd, 0, (size_t)d.Hd * sizeof(int32_t), as_stream(stream)));
-  DMA_CUDA_CHECK(cudaMemsetAsync(cache.length + b, 0, sizeof(int32_t), as_stream(stream)));
+  empty_sequences(d, cache, b, 1, as_stream(stream));
 }
 
 void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int64_t n, int64_t P,
@@ -629,7 +643,7 @@ void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int
   if (P < 0 || P >= (int64_t{1} << 30))
     throw dma::Error("prefill: P = " + std::to_string(P) + " (must be 0 <= P < 2^30)");
   if (P == 0) {
-    for (int64_t b = first; b < first + n; ++b) reset_sequence(c, cache, b, stream);
+    empty_sequences(d, cache, first, n, as_stream(stream));
     return;
   }
   require(k, "k"), require(v, "v"), require(delta, "delta"), require(evict, "evict");
@@ -639,7 +653,7 @@ void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int
     decode_prefill_kernel<HD><<<grid, 256, 0, as_stream(stream)>>>(
         d, (int)first, (int)P, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v),
         delta, evict, static_cast<uint16_t*>(cache.k), static_cast<uint16_t*>(cache.v), cache.delta,
-        cache.pos, cache.count, cache.length);
+        cache.pos, cache.count, cache.length, cache.arrivals, cache.arrivals + (size_t)d.B * d.Hd);
     DMA_CUDA_CHECK_LAUNCH(decode_prefill_kernel);
   });
 }

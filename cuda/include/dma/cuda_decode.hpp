@@ -42,28 +42,32 @@ struct DecodeConfig {
 void check_decode_config(const DecodeConfig& c);
 
 struct DeviceCache {
-  void* k = nullptr;         // (B,Hd,w,D) elem
-  void* v = nullptr;         // (B,Hd,w,D) elem
+  void* k = nullptr;         // (B,Hd,w,D) elem, 16-byte aligned (the step loads 16 bytes at a time)
+  void* v = nullptr;         // (B,Hd,w,D) elem, 16-byte aligned
   float* delta = nullptr;    // (B,Hd,w)
   int32_t* pos = nullptr;    // (B,Hd,w)
   int32_t* count = nullptr;  // (B,Hd)
   int32_t* length = nullptr; // (B)
-  int32_t* arrivals = nullptr;  // (B*Hd + B): zeroed by reset_cache, left zeroed by every step
+  int32_t* arrivals = nullptr;  // (B*Hd + B): zeroed for the sequences that reset_cache,
+                                // reset_sequence or prefill set up, left zeroed by every step
 };
 
 size_t cache_bytes(const DecodeConfig& c);               // the whole cache, all B sequences
 size_t cache_bytes_per_sequence(const DecodeConfig& c);  // what one more sequence costs
-DeviceCache cache_in(const DecodeConfig& c, void* memory);  // carves cache_bytes(c) at memory
+// Carves cache_bytes(c) at memory, which must be 16-byte aligned for k and v to be (cudaMalloc's
+// memory is); every call that takes the cache checks that they are.
+DeviceCache cache_in(const DecodeConfig& c, void* memory);
 
-// Every sequence empty (count = length = 0), or one sequence b. A new cache needs reset_cache
-// before its first step (it also zeroes the arrival counters).
+// Every sequence empty (count = length = 0), or one sequence b; either zeroes the arrival counters
+// of what it empties. A sequence of a new cache (memory holding any bytes) steps once reset_cache,
+// reset_sequence or prefill has set it up; nothing else needs initializing.
 void reset_cache(const DecodeConfig& c, const DeviceCache& cache, Stream stream);
 void reset_sequence(const DecodeConfig& c, const DeviceCache& cache, int64_t b, Stream stream);
 
 // Sequences first .. first+n-1 take a prompt of P tokens each (P = 0: empty), from a forward over
 // those prompts (a dma::cuda::Config with B = n, Lq = Lk = P, causal, the same layer):
 //   k, v (n,Hkv,P,D) elem, delta (n,Hd,P) float32, evict (n,Hd,P) int32 (evict_of(mask_state)).
-// Overwrites what those sequences held.
+// Overwrites what those sequences held and zeroes their arrival counters.
 void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int64_t n, int64_t P,
              const void* k, const void* v, const float* delta, const int32_t* evict, Stream stream);
 
