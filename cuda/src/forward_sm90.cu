@@ -59,7 +59,8 @@ __device__ __forceinline__ bool block_kept_by(const KeyBlock<kBn>& kb, int p_lo,
 // kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks
 // c+1 .. being copied. Measured on the H200 (cuda/dev/dma_fwd_lab, 16K): D = 64 runs blocks of
 // 128 keys (dense 1.52 ms against 1.89 with 64); at D = 128, 128-key blocks leave room for two
-// buffers only (3.25 ms against 2.63), and 96 keys in three buffers gave 3.13.
+// buffers only (3.25 ms against 2.63), 96 keys in three buffers gave 3.13, and separate rings of
+// two K and three V buffers of 128 keys 2.96 (docs/performance.md §9).
 template <int D> struct Plan;
 template <> struct Plan<64> { static constexpr int kBn = 128, kStages = 4; };
 template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 4; };
