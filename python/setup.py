@@ -79,16 +79,31 @@ if eigen:
 macros = [("DMA_TORCH_HAVE_EIGEN", "1" if eigen else "0")]
 cxx_flags = ["-O3", "-std=c++17"]
 
+
+def nvcc_major():
+    """The major version of the nvcc that builds the kernels (CUDA_HOME), else torch's CUDA."""
+    try:
+        out = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split("release ")[1].split(".")[0])
+    except (OSError, IndexError, ValueError, TypeError, subprocess.CalledProcessError):
+        return int((torch.version.cuda or "0").split(".")[0])
+
+
 if with_cuda:
     sources += [str(p) for p in sorted((CUDA / "src").glob("*.cu"))]
+    # CUDA 12 and newer: every kernel is built for sm_90a, so the Hopper forward
+    # (cuda/src/forward_sm90.cu: wgmma, setmaxnreg) is in and chosen at run time. (CMake builds
+    # only that file for sm_90a; one extension takes one set of flags.) Older CUDA cannot target
+    # sm_90a: sm_90, with the mma.sync forward only.
+    sm90a = nvcc_major() >= 12
+    arch = (["-gencode=arch=compute_90a,code=sm_90a", "-DDMA_HAVE_SM90=1"] if sm90a
+            else ["-gencode=arch=compute_90,code=sm_90"])
     sources.append(str(HERE / "csrc" / "cuda_ops.cpp"))
     include_dirs.append(str(CUDA / "src"))
     macros.append(("DMA_TORCH_WITH_CUDA", "1"))
     nvcc_flags = [
-        "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
-        # sm_90a: the Hopper kernels (cuda/src/forward_sm90.cu: wgmma, setmaxnreg) are built
-        # and chosen at run time, as in the CMake build
-        "-gencode=arch=compute_90a,code=sm_90a", "-DDMA_HAVE_SM90=1",
+        "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", *arch,
         # torch adds -D__CUDA_NO_HALF_OPERATORS__ and friends; the kernels use the operators.
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",

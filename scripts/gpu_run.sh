@@ -60,9 +60,10 @@ device)
     # the kernel ladder (cuda/dev/) at 16K, then tutorial 08
     # (the backward's v1 takes 3 s a run: 3 runs of it; forward v3 needs a Hopper GPU)
     for rung in "fwd 1" "fwd 2" "fwd 3" "bwd 1 --reps 3" "bwd 2"; do
-      set -- $rung
-      echo "== dma_$1_lab $2"
-      "$BIN/dma_$1_lab" $2 --L 16384 "${@:3}" 2>&1 | tee "$OUT/lab_$1_v$2.log" | tail -3
+      read -r lab version extra <<< "$rung"
+      echo "== dma_${lab}_lab $version"
+      # shellcheck disable=SC2086  # $extra: zero or more flags
+      "$BIN/dma_${lab}_lab" "$version" --L 16384 $extra 2>&1 | tee "$OUT/lab_${lab}_v$version.log" | tail -3
       rc=$((rc | ${PIPESTATUS[0]}))
     done
     "$BIN/tutorial_08_cuda_kernel" > "$OUT/tutorial_08.log" 2>&1; s=$?
@@ -85,5 +86,5 @@ device)
   exit $rc
   ;;
 *)
-  echo "usage: $0 build | device [tests|sanitizer|bench|all]" >&2; exit 2 ;;
+  echo "usage: $0 build | device [tests|sanitizer|lab|bench|all]" >&2; exit 2 ;;
 esac

@@ -238,7 +238,7 @@ bool device_is_sm90() {
 const char* forward_kernel_name() {
   const char* env = std::getenv("DMA_CUDA_FORWARD");
   const bool force_sm80 = env && std::strcmp(env, "sm80") == 0;
-#if DMA_HAVE_SM90
+#if defined(DMA_HAVE_SM90)
   const bool have_sm90 = device_is_sm90();
 #else
   const bool have_sm90 = false;
@@ -252,7 +252,7 @@ const char* forward_kernel_name() {
 }
 
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-#if DMA_HAVE_SM90
+#if defined(DMA_HAVE_SM90)
   if (std::strcmp(forward_kernel_name(), "sm90") == 0) return launch_forward_sm90(d, a, st);
 #endif
   dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {

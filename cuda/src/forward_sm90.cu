@@ -59,8 +59,9 @@ __device__ __forceinline__ bool block_kept_by(const KeyBlock<kBn>& kb, int p_lo,
 // kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks
 // c+1 .. being copied. Measured on the H200 (cuda/dev/dma_fwd_lab, 16K): D = 64 runs blocks of
 // 128 keys (dense 1.52 ms against 1.89 with 64); at D = 128, 128-key blocks leave room for two
-// buffers only (3.25 ms against 2.63), 96 keys in three buffers gave 3.13, and separate rings of
-// two K and three V buffers of 128 keys 2.96 (docs/performance.md §9).
+// buffers only (3.25 ms against 2.62, with the hand-over that two buffers need), 96 keys in three
+// buffers gave 3.13, and separate rings of two K and three V buffers of 128 keys 2.96
+// (docs/performance.md §9).
 template <int D> struct Plan;
 template <> struct Plan<64> { static constexpr int kBn = 128, kStages = 4; };
 template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 4; };
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in sm90.cuh)
   #pragma unroll
   for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
-  float s[kBn / 2] = {};   // S, then P, of the current tile (64 x 64 per warpgroup)
+  float s[kBn / 2] = {};   // S, then P, of the current block (64 x kBn per warpgroup)
   uint32_t pf[kBn / 16][4];  // P of the previous tile as the register A operand of P V
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
   const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
-  // S (the 64 x 64 accumulators) -> P of tile c in place: mask, online softmax (base 2), as in
+  // S (the 64 x kBn accumulators) -> P of block c in place: mask, online softmax (base 2), as in
   // forward.cu (s[4n + e] is forward.cu's s[n][e]); alpha = 2^(m - m') for the rescale of O.
   auto softmax = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];

@@ -76,7 +76,9 @@ struct AttnArgs {
 // of forward.cu. DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
 // ladder's lower rung, for comparisons); =sm90 requires the wgmma kernel.
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
-// The kernel launch_forward would run for the current device: "sm90" or "sm80".
+// The kernel launch_forward would run for the current device: "sm90" or "sm80" (read at every
+// call, so a CUDA graph keeps the kernel of its capture). Throws dma::Error for another value of
+// DMA_CUDA_FORWARD, or for sm90 without a compute capability 9.0 device and an sm_90a build.
 const char* forward_kernel_name();
 void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 

@@ -2,7 +2,7 @@
 //   the 128-byte swizzled shared-memory layout the tensor cores read through descriptors,
 //   wgmma.mma_async m64nNk16 (a warpgroup of 4 warps: 64 rows), with A from shared memory or
 //   from registers, the fences that order it against ordinary code, and the shared-memory
-//   barriers (mbarrier) by which a producer warp hands tiles to the consumer warpgroups.
+//   barriers (mbarrier) by which a producer warpgroup hands tiles to the consumer warpgroups.
 // Only compiled for compute_90a (the sm90 object library in cuda/CMakeLists.txt).
 #pragma once
 
@@ -107,10 +107,6 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 #define DMA_WGMMA_D32                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define DMA_WGMMA_D48                                                                   \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 #define DMA_WGMMA_D64                                                                   \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
@@ -119,14 +115,13 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 #define DMA_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
                     "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define DMA_ACC32 DMA_ACC8(0), DMA_ACC8(8), DMA_ACC8(16), DMA_ACC8(24)
-#define DMA_ACC48 DMA_ACC32, DMA_ACC8(32), DMA_ACC8(40)
-#define DMA_ACC64 DMA_ACC48, DMA_ACC8(48), DMA_ACC8(56)
+#define DMA_ACC64 DMA_ACC32, DMA_ACC8(32), DMA_ACC8(40), DMA_ACC8(48), DMA_ACC8(56)
 
 // d (64xN) = A (64x16) B (16xN) + (accumulate ? d : 0); A and B K-major in shared memory.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
-  static_assert(N == 64 || N == 96 || N == 128, "S = Q K^T for key blocks of 64, 96 and 128");
+  static_assert(N == 64 || N == 128, "S = Q K^T for key blocks of 64 and 128");
 #define DMA_WGMMA_SS(NN, TYPE, REGS, ACC, A, B, P)                                         \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                          \
                "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS  \
@@ -137,9 +132,6 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
   if constexpr (N == 64) {
     if constexpr (kHalf) DMA_WGMMA_SS(64, "f16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34);
     else DMA_WGMMA_SS(64, "bf16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34);
-  } else if constexpr (N == 96) {
-    if constexpr (kHalf) DMA_WGMMA_SS(96, "f16", DMA_WGMMA_D48, DMA_ACC48, 48, 49, 50);
-    else DMA_WGMMA_SS(96, "bf16", DMA_WGMMA_D48, DMA_ACC48, 48, 49, 50);
   } else {
     if constexpr (kHalf) DMA_WGMMA_SS(128, "f16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66);
     else DMA_WGMMA_SS(128, "bf16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66);
@@ -176,11 +168,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 }
 
 #undef DMA_ACC64
-#undef DMA_ACC48
 #undef DMA_ACC32
 #undef DMA_ACC8
 #undef DMA_WGMMA_D64
-#undef DMA_WGMMA_D48
 #undef DMA_WGMMA_D32
 
 }  // namespace dma::cuda::detail::sm90
