@@ -124,6 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // (With two buffers the producer would wait for a buffer that the consumers free only after
   // receiving the block it has not handed over yet.)
   static_assert(kStages >= 3, "the producer hands block c-1 over after starting block c");
+  static_assert(Smem<D, kBn, kStages>::bytes <= 227 * 1024, "a block's shared memory on sm_90");
+  static_assert(kBn <= kProducers, "one producer thread per key of a block");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<D, kBn, kStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
