@@ -143,28 +143,22 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uin
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
   static_assert(N == 64 || N == 128, "P V for head dims 64 and 128");
-  // scale-d is a predicate operand: p = true (accumulate)
-#define DMA_PRED_ONE "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+  // (scale-d is a predicate operand: p = true, accumulate; trans-b = 1)
+#define DMA_WGMMA_RS(NN, TYPE, REGS, ACC, A0, A1, A2, A3, B)                              \
+  asm volatile("{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"                                 \
+               "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS  \
+               ", {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 1;\n}\n"  \
+               : ACC                                                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+  constexpr bool kHalf = std::is_same_v<T, __half>;
   if constexpr (N == 64) {
-    if constexpr (std::is_same_v<T, __half>)
-      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " DMA_WGMMA_D32
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                   : DMA_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-    else
-      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " DMA_WGMMA_D32
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                   : DMA_ACC32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    if constexpr (kHalf) DMA_WGMMA_RS(64, "f16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34, 35, 36);
+    else DMA_WGMMA_RS(64, "bf16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34, 35, 36);
   } else {
-    if constexpr (std::is_same_v<T, __half>)
-      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " DMA_WGMMA_D64
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                   : DMA_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-    else
-      asm volatile(DMA_PRED_ONE "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DMA_WGMMA_D64
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                   : DMA_ACC64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    if constexpr (kHalf) DMA_WGMMA_RS(128, "f16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66, 67, 68);
+    else DMA_WGMMA_RS(128, "bf16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66, 67, 68);
   }
-#undef DMA_PRED_ONE
+#undef DMA_WGMMA_RS
 }
 
 #undef DMA_ACC64
