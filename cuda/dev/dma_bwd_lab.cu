@@ -295,24 +295,9 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   ref.delta = lab::widen(delta);
   const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
 
-  // The kernels ran on the GPU's mask state, the reference on its own: given the same delta every
-  // e_j must agree, else the gradients (and the zero check below, which reads the reference's)
-  // would compare different masks.
-  int64_t evict_diff = 0, first_diff = -1;
-  for (size_t n = 0; n < evict.size(); ++n)
-    if (int64_t(evict[n]) != r.evict[n]) {
-      if (first_diff < 0) first_diff = int64_t(n);
-      ++evict_diff;
-    }
-  std::printf("    evict: %lld of %zu differ from the reference's", (long long)evict_diff, evict.size());
-  if (first_diff >= 0) {
-    const int64_t Lk = cs.s.Lk, Hd = cs.s.Hd;
-    std::printf(", the first at b %lld hd %lld j %lld: GPU e_j %d, reference %lld",
-                (long long)(first_diff / Lk / Hd), (long long)(first_diff / Lk % Hd),
-                (long long)(first_diff % Lk), evict[size_t(first_diff)],
-                (long long)r.evict[size_t(first_diff)]);
-  }
-  std::printf("\n");
+  // The kernels ran on the GPU's mask state, the reference on its own: the gradients (and the
+  // zero check below, which reads the reference's) compare the same mask only if they agree.
+  const int64_t evict_diff = lab::report_evict(evict, r.evict, cs.s);
 
   // Keys no query keeps (by the reference's evict and the mask rule) get exactly zero gradients:
   // ddelta per delta head; dk and dv where no delta head of their kv head keeps them. (Not "where

@@ -275,10 +275,7 @@ bool validate_case(const Version& v, const lab::Case& cs, uint64_t seed) {
   ref.delta = lab::widen(delta);
   const dma::Result<double> r = dma::run_pipeline(ref, dma::Backend::cpu, {}, false);
 
-  int64_t evict_diff = 0;
-  for (size_t n = 0; n < evict.size(); ++n) evict_diff += int64_t(evict[n]) != r.evict[n];
-  std::printf("    evict: %lld of %zu differ from the reference's\n", (long long)evict_diff,
-              evict.size());
+  const int64_t evict_diff = lab::report_evict(evict, r.evict, cs.s);
   const bool ok_o = lab::report("o", o, r.fwd.o, cs.s.D, kRelL2Bar, kWorstRowBar);
   const bool ok_lse = lab::report("lse", lse, r.fwd.lse, cs.s.Lq, kRelL2Bar, kRelL2Bar);
   const bool ok = evict_diff == 0 && ok_o && ok_lse;

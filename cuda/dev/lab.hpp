@@ -106,6 +106,26 @@ inline bool report(const char* name, const std::vector<float>& got, const std::v
   return unwritten == 0 && rel <= rel_bar && (worst_bar <= 0 || worst <= worst_bar);
 }
 
+// The GPU's e_j (B,Hd,Lk) against the reference's: prints how many differ and the first that does
+// (given the same delta every one must agree, else the kernels and the reference ran different
+// masks), and returns the count.
+inline int64_t report_evict(const std::vector<int32_t>& got, const std::vector<int64_t>& ref,
+                            const dma::Shape& s) {
+  int64_t diff = 0, first = -1;
+  for (size_t n = 0; n < got.size(); ++n)
+    if (int64_t(got[n]) != ref[n]) {
+      if (first < 0) first = int64_t(n);
+      ++diff;
+    }
+  std::printf("    evict: %lld of %zu differ from the reference's", (long long)diff, got.size());
+  if (first >= 0)
+    std::printf(", the first at b %lld hd %lld j %lld: GPU e_j %d, reference %lld",
+                (long long)(first / s.Lk / s.Hd), (long long)(first / s.Lk % s.Hd),
+                (long long)(first % s.Lk), got[size_t(first)], (long long)ref[size_t(first)]);
+  std::printf("\n");
+  return diff;
+}
+
 struct Case {
   const char* name;
   dma::Shape s;
