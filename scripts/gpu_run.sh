@@ -58,8 +58,8 @@ device)
   fi
   if [[ $what == lab || $what == all ]]; then
     # the kernel ladder (cuda/dev/) at 16K, then tutorial 08
-    # (the backward's v1 takes 3 s a run: 3 runs of it; forward v3 needs a Hopper GPU)
-    for rung in "fwd 1" "fwd 2" "fwd 3" "bwd 1 --reps 3" "bwd 2"; do
+    # (the backward's v1 takes 3 s a run: 3 runs of it; forward and backward v3 need a Hopper GPU)
+    for rung in "fwd 1" "fwd 2" "fwd 3" "bwd 1 --reps 3" "bwd 2" "bwd 3"; do
       read -r lab version extra <<< "$rung"
       echo "== dma_${lab}_lab $version"
       # shellcheck disable=SC2086  # $extra: zero or more flags

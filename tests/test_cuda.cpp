@@ -22,6 +22,7 @@
 #include "dma/mask.hpp"
 #include "dma/numerics.hpp"
 #include "dma/pipeline.hpp"
+#include "test_cuda_util.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -148,13 +149,21 @@ void check_case(const Case& c) {
     }
   }
 
-  // Forward (delta, mask, o, lse) is bitwise reproducible run to run.
+  // Every output is bitwise reproducible run to run (no atomics anywhere).
   {
     const dma::Result<float> r2 = dma::cuda::run_pipeline(p, c.prec);
     CHECK(r2.delta == r.delta);
     CHECK(r2.evict == r.evict);
-    CHECK(std::memcmp(r2.fwd.o.data(), r.fwd.o.data(), r.fwd.o.size() * 4) == 0);
-    CHECK(std::memcmp(r2.fwd.lse.data(), r.fwd.lse.data(), r.fwd.lse.size() * 4) == 0);
+    CHECK(dma_test::bitwise_equal(r2.fwd.o, r.fwd.o));
+    CHECK(dma_test::bitwise_equal(r2.fwd.lse, r.fwd.lse));
+    if (c.backward) {
+      CHECK(dma_test::bitwise_equal(r2.grads.dq, r.grads.dq));
+      CHECK(dma_test::bitwise_equal(r2.grads.dk, r.grads.dk));
+      CHECK(dma_test::bitwise_equal(r2.grads.dv, r.grads.dv));
+      CHECK(dma_test::bitwise_equal(r2.grads.ddelta, r.grads.ddelta));
+      CHECK(dma_test::bitwise_equal(r2.dw_dt, r.dw_dt));
+      CHECK(dma_test::bitwise_equal(r2.da, r.da));
+    }
   }
 
   // delta against float64 on the same inputs.
@@ -319,31 +328,49 @@ TEST_SUITE("cuda") {
     }
   }
 
+  // On a Hopper GPU the forward and the backward's dk/dv pass run the wgmma kernels
+  // (forward_sm90.cu, backward_sm90.cu); the mma.sync kernels (forward.cu, backward.cu) are the
+  // path elsewhere and are forced here with DMA_CUDA_FORWARD / DMA_CUDA_BACKWARD = sm80. Both
+  // are checked against the reference, and sm90 is asked for by name where it must run.
+  const Case kKernelCases[] = {
+      {1, 2, 1, 1, 300, 300, 64, 40},
+      {1, 4, 2, 2, 700, 700, 128, 200, true, Form::exp, Precision::fp16},
+      {1, 2, 1, 1, 500, 500, 128, 600},  // dense
+      {1, 2, 1, 1, 900, 900, 128, 200, true, Form::exp, Precision::bf16, true, true, 1},
+      {1, 8, 2, 2, 400, 400, 64, 128},   // GQA groups of 4: 4 query heads per delta head
+      {1, 4, 2, 4, 333, 333, 128, 96, false},  // non-causal, Hd = Hq (per-delta-head partials)
+  };
+
   TEST_CASE("cuda forward kernels: the mma.sync rung and the wgmma kernel both match") {
-    // On a Hopper GPU the forward runs the wgmma kernel (forward_sm90.cu); the mma.sync kernel
-    // (forward.cu) is the path elsewhere and is forced here with DMA_CUDA_FORWARD=sm80.
-    const Case cases[] = {
-        {1, 2, 1, 1, 300, 300, 64, 40},
-        {1, 4, 2, 2, 700, 700, 128, 200, true, Form::exp, Precision::fp16},
-        {1, 2, 1, 1, 500, 500, 128, 600},  // dense
-        {1, 2, 1, 1, 900, 900, 128, 200, true, Form::exp, Precision::bf16, true, true, 1},
-    };
-    for (const char* kernel : {"sm80", "auto"}) {
-      setenv("DMA_CUDA_FORWARD", kernel, 1);
-      for (const Case& c : cases) {
+    for (const char* kernel : {"sm80", "sm90"}) {
+      if (std::string(kernel) == "sm90" && !dma_test::device_is_hopper()) continue;
+      const dma_test::ScopedEnv env("DMA_CUDA_FORWARD", kernel);
+      for (const Case& c : kKernelCases) {
         SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }
       }
     }
-    unsetenv("DMA_CUDA_FORWARD");
   }
 
-  TEST_CASE("cuda forward kernels: an unknown DMA_CUDA_FORWARD is a dma::Error") {
-    setenv("DMA_CUDA_FORWARD", "sm70", 1);
+  TEST_CASE("cuda backward kernels: the mma.sync dk/dv pass and the wgmma one both match") {
+    for (const char* kernel : {"sm80", "sm90"}) {
+      if (std::string(kernel) == "sm90" && !dma_test::device_is_hopper()) continue;
+      const dma_test::ScopedEnv env("DMA_CUDA_BACKWARD", kernel);
+      for (const Case& c : kKernelCases) {
+        SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }
+      }
+    }
+  }
+
+  TEST_CASE("cuda kernel choice: an unknown DMA_CUDA_FORWARD or DMA_CUDA_BACKWARD is a dma::Error") {
     const Case c{1, 2, 1, 1, 64, 64, 64, 16};
     std::mt19937_64 rng(1);
     const dma::Problem<float> p = make_problem(c, rng);
-    CHECK_THROWS_AS(dma::cuda::run_pipeline(p, c.prec), dma::Error);
-    unsetenv("DMA_CUDA_FORWARD");
+    for (const char* variable : {"DMA_CUDA_FORWARD", "DMA_CUDA_BACKWARD"}) {
+      const dma_test::ScopedEnv env(variable, "sm70");
+      CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(p, c.prec),
+                           (std::string("cuda: ") + variable + "=sm70 (sm80, sm90 or auto)").c_str(),
+                           dma::Error);
+    }
   }
 
   TEST_CASE("cuda mask: eviction positions identical to the CPU heap sweep, long sequences") {

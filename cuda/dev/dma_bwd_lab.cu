@@ -236,8 +236,9 @@ void backward_v1(const DeviceProblem& dp) {
   LAB_CUDA_CHECK(cudaGetLastError());
 }
 
-// ==== v2: the production kernels =============================================================
-// dma::cuda::attention_backward (cuda/src/backward.cu). What it adds to v1:
+// ==== v2: the mma.sync kernels ===============================================================
+// dma::cuda::attention_backward with DMA_CUDA_BACKWARD=sm80 (cuda/src/backward.cu): the
+// production backward on GPUs other than Hopper. What it adds to v1:
 //   - dq_kernel: query tiles of 128 rows (8 warps x 16), the tile's candidate list from the mask
 //     phase, gathered K/V tiles with cp.async double buffering, S, dP and dQ on the tensor cores
 //     (mma.sync m16n8k16), the mask in registers;
@@ -249,24 +250,41 @@ void backward_v1(const DeviceProblem& dp) {
 //   - no atomics anywhere: every output bitwise reproducible; Hd > Hkv sums per-delta-head
 //     partials in head order.
 
-void backward_v2(const DeviceProblem& dp) {
+void run_backward(const DeviceProblem& dp, const char* kernel) {
+  setenv("DMA_CUDA_BACKWARD", kernel, 1);  // read by every attention_backward call
   dma::cuda::attention_backward(dp.c, dp.q.get(), dp.k.get(), dp.v.get(), dp.delta.get(),
                                 dp.mask_state.get(), dp.o.get(), dp.lse.get(), dp.dout.get(),
                                 dp.dq.get(), dp.dk.get(), dp.dv.get(), dp.ddelta.get(),
                                 dp.workspace.get(), dp.workspace.size(), nullptr);
   LAB_CUDA_CHECK(cudaGetLastError());
 }
+void backward_v2(const DeviceProblem& dp) { run_backward(dp, "sm80"); }
+
+// ==== v3: the dk/dv pass on wgmma (sm_90a) ===================================================
+// DMA_CUDA_BACKWARD=sm90 (cuda/src/backward_sm90.cu), the production backward on Hopper; dq is
+// v2's. What it adds to v2's dkdv_kernel:
+//   - one consumer warpgroup of 64 slots (the wgmma rows) and a producer warpgroup, two blocks
+//     per SM (setmaxnreg: 224 and 32 registers);
+//   - S^T = K Q^T and dP^T = V dO^T by wgmma m64n64k16 from 128-byte swizzled shared memory,
+//     dV += P^T dO and dK += dS^T Q by wgmma m64nDk16 with P^T and dS^T from registers;
+//   - the producer walks the query tiles, hands the slots' keys over as a record per tile where
+//     one lives, and copies the steps (64 queries of one query head) that reach them into two
+//     buffers (mbarrier hand-over); dV's product runs during the elementwise dS.
+// H200: see MEASURED above.
+void backward_v3(const DeviceProblem& dp) { run_backward(dp, "sm90"); }
 
 // ==== the ladder =============================================================================
 
 struct Version {
   const char* what;
   void (*run)(const DeviceProblem&);  // enqueues the backward on the legacy default stream
+  bool needs_sm90 = false;            // runs only on a compute capability 9.0 GPU (else 77)
 };
 const Version kVersions[] = {
     {"a thread per query row (dq) and per key (dk, dv, ddelta), fp32 on CUDA cores", backward_v1},
-    {"production: dq over the tile lists, dk dv ddelta by alive slots, mma.sync, no atomics",
-     backward_v2},
+    {"dq over the tile lists, dk dv ddelta by alive slots, mma.sync, no atomics", backward_v2},
+    {"the dk dv ddelta pass on wgmma (sm_90a), a producer warpgroup, two blocks per SM",
+     backward_v3, true},
 };
 constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
 
@@ -341,7 +359,7 @@ int main(int argc, char** argv) {
       "dma_bwd_lab",
       "Runs DMA backward kernel version N, validates it against the float64 reference and times "
       "it (cuda/dev/README.md).",
-      "kernel version: 1 = a thread per row and per key, 2 = production",
+      "kernel version: 1 = a thread per row and per key, 2 = mma.sync, 3 = wgmma dk/dv (Hopper)",
       kVersions, kNumVersions, /*flops_per_pair_dim=*/10, /*with_do=*/true, validate_case};
   return lab::run_ladder(argc, argv, ladder);
 }

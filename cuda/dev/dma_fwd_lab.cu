@@ -244,11 +244,12 @@ void forward_v3(const DeviceProblem& dp) { run_forward(dp, "sm90"); }
 struct Version {
   const char* what;
   void (*run)(const DeviceProblem&);  // enqueues the forward on the legacy default stream
+  bool needs_sm90 = false;            // runs only on a compute capability 9.0 GPU (else 77)
 };
 const Version kVersions[] = {
     {"one thread per query row, fp32 on CUDA cores, bf16 loads from global memory", forward_v1},
     {"candidate lists, gathered tiles, mma.sync, cp.async double buffering", forward_v2},
-    {"wgmma (sm_90a) from 128-byte swizzled shared memory, P from registers", forward_v3},
+    {"wgmma (sm_90a) from 128-byte swizzled shared memory, P from registers", forward_v3, true},
 };
 constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
 

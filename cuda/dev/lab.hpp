@@ -264,7 +264,7 @@ bool time_problem(const Ladder<Problem, Version>& l, const Args& a, const Versio
 }
 
 // The program: parse, refuse what the kernels cannot run (exit 2, no device needed), skip without
-// a device (77), validate version N on the validation problems, then time it. 0 PASS, 1 FAIL.
+// a device or without the one version N needs (77), validate version N on the validation problems, then time it. 0 PASS, 1 FAIL.
 template <typename Problem, typename Version>
 int run_ladder(int argc, char** argv, const Ladder<Problem, Version>& l) {
   Args a;
@@ -286,6 +286,11 @@ int run_ladder(int argc, char** argv, const Ladder<Problem, Version>& l) {
   try {
     cudaDeviceProp prop;
     LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    if (v.needs_sm90 && !(prop.major == 9 && prop.minor == 0)) {
+      std::printf("%s v%d: needs a compute capability 9.0 GPU, this is %s (sm_%d%d). SKIPPED\n",
+                  l.name, a.version, prop.name, prop.major, prop.minor);
+      return 77;
+    }
     std::printf("%s v%d: %s\ndevice: %s (sm_%d%d), seed %llu\n", l.name, a.version, v.what,
                 prop.name, prop.major, prop.minor, (unsigned long long)a.seed);
     std::printf("validation against the float64 reference (bf16 inputs, the GPU's delta):\n");

@@ -20,6 +20,8 @@
 //                head: the sweep writes per-delta-head dK, dV and reduce_partials_kernel sums
 //                them in a fixed order.
 // Keys no query keeps are never visited: dk, dv and ddelta are zeroed first.
+#include <cstring>
+
 #include "tables.cuh"
 
 namespace dma::cuda::detail {
@@ -455,7 +457,7 @@ __global__ void reduce_partials_kernel(Dims d, const float* __restrict__ dk_part
 }
 
 template <typename T, int D>
-void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+void launch_dq(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   const int rows = d.B * d.Hq * d.Lq;
   dsum_kernel<T><<<(rows * 32 + 255) / 256, 256, 0, st>>>(rows, D, static_cast<const T*>(a.dout),
                                                           a.o, const_cast<float*>(a.dsum));
@@ -466,18 +468,16 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
                                       (int)q_smem));
   dq_kernel<T, D><<<dim3(table_tiles(d), d.Hq, d.B), kQThreads, q_smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(dq_kernel);
+}
 
+template <typename T, int D>
+void launch_dkdv(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t k_smem = dkdv_smem_bytes<D>();
   DMA_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)k_smem));
   const int S = tables_implicit(d) ? d.Lk : table_stride(d);
   dkdv_kernel<T, D><<<dim3((S + kSlots - 1) / kSlots, d.B * d.Hd), kKThreads, k_smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(dkdv_kernel);
-
-  if (backward_partials(d)) {
-    reduce_partials_kernel<<<1024, 256, 0, st>>>(d, a.dk_part, a.dv_part, a.dk, a.dv);
-    DMA_CUDA_CHECK_LAUNCH(reduce_partials_kernel);
-  }
 }
 
 }  // namespace
@@ -485,8 +485,22 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 // dk, dv (or dk_part, dv_part) and ddelta must be zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
-    launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
+    launch_dq<decltype(elem), decltype(head_dim)::value>(d, a, st);
   });
+#if defined(DMA_HAVE_SM90)
+  if (std::strcmp(backward_kernel_name(), "sm90") == 0) {
+    launch_dkdv_sm90(d, a, st);  // backward_sm90.cu
+  } else
+#endif
+  {
+    dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+      launch_dkdv<decltype(elem), decltype(head_dim)::value>(d, a, st);
+    });
+  }
+  if (backward_partials(d)) {
+    reduce_partials_kernel<<<1024, 256, 0, st>>>(d, a.dk_part, a.dv_part, a.dk, a.dv);
+    DMA_CUDA_CHECK_LAUNCH(reduce_partials_kernel);
+  }
 }
 
 }  // namespace dma::cuda::detail

@@ -10,7 +10,6 @@
 // and at the end o = O / l, lse = ln 2 * (m + log2 l). K_j and V_j are gathered rows, loaded with
 // cp.async into two buffers: tile t+1 is copied while tile t is computed. The first n_full keys
 // of the list are kept by every query of the tile, so their tiles skip the element test.
-#include <cstdlib>
 #include <cstring>
 
 #include "tables.cuh"
@@ -224,32 +223,6 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 }
 
 }  // namespace
-
-namespace {
-bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  DMA_CUDA_CHECK(cudaGetDevice(&dev));
-  DMA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  DMA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
-}
-}  // namespace
-
-const char* forward_kernel_name() {
-  const char* env = std::getenv("DMA_CUDA_FORWARD");
-  const bool force_sm80 = env && std::strcmp(env, "sm80") == 0;
-#if defined(DMA_HAVE_SM90)
-  const bool have_sm90 = device_is_sm90();
-#else
-  const bool have_sm90 = false;
-#endif
-  if (env && std::strcmp(env, "sm90") == 0 && !have_sm90)
-    throw dma::Error("cuda: DMA_CUDA_FORWARD=sm90 needs a compute capability 9.0 device and a "
-                     "library built with sm_90a");
-  if (env && *env && !force_sm80 && std::strcmp(env, "sm90") != 0 && std::strcmp(env, "auto") != 0)
-    throw dma::Error(std::string("cuda: DMA_CUDA_FORWARD=") + env + " (sm80, sm90 or auto)");
-  return have_sm90 && !force_sm80 ? "sm90" : "sm80";
-}
 
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 #if defined(DMA_HAVE_SM90)

@@ -76,16 +76,23 @@ struct AttnArgs {
 // of forward.cu. DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
 // ladder's lower rung, for comparisons); =sm90 requires the wgmma kernel.
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
-// The kernel launch_forward would run for the current device: "sm90" or "sm80" (read at every
-// call, so a CUDA graph keeps the kernel of its capture). Throws dma::Error for another value of
-// DMA_CUDA_FORWARD, or for sm90 without a compute capability 9.0 device and an sm_90a build.
-const char* forward_kernel_name();
 void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
+
+// kernel_choice.cu -------------------------------------------------------------------------
+// The kernel family launch_forward / launch_backward would run on the current device: "sm90" or
+// "sm80". The variable DMA_CUDA_FORWARD / DMA_CUDA_BACKWARD is read at every call (so a CUDA
+// graph keeps the kernels of its capture). Throws dma::Error for a value other than sm80, sm90
+// and auto, or for sm90 without a compute capability 9.0 device and an sm_90a build.
+const char* forward_kernel_name();
+const char* backward_kernel_name();
 
 // backward.cu ------------------------------------------------------------------------------
 // Writes every element of dq, dk, dv and ddelta (no accumulation, no atomics: deterministic).
+// The dk/dv pass runs on the wgmma kernel of backward_sm90.cu where backward_kernel_name()
+// says "sm90" (the dq pass is backward.cu's on every device).
 __host__ __device__ inline bool backward_partials(const Dims& d) { return d.Hd > d.Hkv; }
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st);
+void launch_dkdv_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 
 }  // namespace dma::cuda::detail
