@@ -351,12 +351,23 @@ TEST_SUITE("cuda") {
     }
   }
 
-  TEST_CASE("cuda backward kernels: the mma.sync dk/dv pass and the wgmma one both match") {
+  TEST_CASE("cuda backward kernels: the mma.sync passes and the wgmma ones both match") {
+    // With 16 query tiles or more and few slot blocks the Hopper dk/dv sweep splits the tiles
+    // into spans and carries the sums of the keys that live across a span's first tile
+    // (kernels.hpp): 2 spans; 3 spans with keys living across both boundaries; implicit tables.
+    const Case spans[] = {
+        {1, 2, 1, 1, 2500, 2500, 64, 300},
+        {1, 2, 1, 1, 3200, 3200, 64, 2500, true, Form::linear},
+        {1, 4, 2, 4, 2100, 2100, 128, 4000, true, Form::exp, Precision::fp16},  // dense, Hd > Hkv
+    };
     for (const char* kernel : {"sm80", "sm90"}) {
       if (std::string(kernel) == "sm90" && !dma_test::device_is_hopper()) continue;
       const dma_test::ScopedEnv env("DMA_CUDA_BACKWARD", kernel);
       for (const Case& c : kKernelCases) {
         SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }
+      }
+      for (const Case& c : spans) {
+        SUBCASE((std::string(kernel) + " spans " + c.name()).c_str()) { check_case(c); }
       }
     }
   }
@@ -396,6 +407,11 @@ TEST_SUITE("cuda") {
     const Case cases[] = {
         {1, 2, 1, 1, 70, 150, 64, 16},
         {2, 2, 2, 2, 33, 40, 128, 8, false, Form::linear},
+        // long enough for the Hopper kernels' buffer rings to wrap (4 key blocks of 64 at
+        // D = 128, of 128 at D = 64 in the forward), and for the dk/dv sweep's spans
+        {1, 2, 1, 1, 700, 700, 128, 700},
+        {1, 2, 1, 1, 1300, 1300, 64, 1300},
+        {1, 2, 1, 1, 2200, 2200, 64, 200},
     };
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }

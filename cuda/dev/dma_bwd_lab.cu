@@ -260,16 +260,19 @@ void run_backward(const DeviceProblem& dp, const char* kernel) {
 }
 void backward_v2(const DeviceProblem& dp) { run_backward(dp, "sm80"); }
 
-// ==== v3: the dk/dv pass on wgmma (sm_90a) ===================================================
-// DMA_CUDA_BACKWARD=sm90 (cuda/src/backward_sm90.cu), the production backward on Hopper; dq is
-// v2's. What it adds to v2's dkdv_kernel:
-//   - one consumer warpgroup of 64 slots (the wgmma rows) and a producer warpgroup, two blocks
-//     per SM (setmaxnreg: 224 and 32 registers);
-//   - S^T = K Q^T and dP^T = V dO^T by wgmma m64n64k16 from 128-byte swizzled shared memory,
-//     dV += P^T dO and dK += dS^T Q by wgmma m64nDk16 with P^T and dS^T from registers;
-//   - the producer walks the query tiles, hands the slots' keys over as a record per tile where
-//     one lives, and copies the steps (64 queries of one query head) that reach them into two
-//     buffers (mbarrier hand-over); dV's product runs during the elementwise dS.
+// ==== v3: wgmma (sm_90a) =======================================================================
+// DMA_CUDA_BACKWARD=sm90 (cuda/src/dq_sm90.cu, cuda/src/backward_sm90.cu), the production
+// backward on Hopper. What it adds to v2:
+//   - dq: forward_sm90.cu's block (two consumer warpgroups of 64 rows, a producer warpgroup
+//     gathering the list's K/V blocks into four buffers); S = Q K^T and dP = dO V^T by wgmma
+//     from swizzled shared memory, dQ += dS K by wgmma with dS from registers, running while
+//     the next block's dS is computed;
+//   - dk, dv, ddelta: one consumer warpgroup of 64 slots (the wgmma rows) and a producer
+//     warpgroup, two blocks per SM (setmaxnreg 224 / 32); S^T = K Q^T, dP^T = V dO^T by wgmma
+//     m64n64k16, dV += P^T dO and dK += dS^T Q with P^T, dS^T from registers; the producer
+//     walks the query tiles, hands the slots' keys over as a record per tile where one lives,
+//     and copies the steps (64 queries of one query head) that reach them into two buffers;
+//     dV's product runs during the elementwise dS.
 // H200: see MEASURED above.
 void backward_v3(const DeviceProblem& dp) { run_backward(dp, "sm90"); }
 
@@ -283,7 +286,7 @@ struct Version {
 const Version kVersions[] = {
     {"a thread per query row (dq) and per key (dk, dv, ddelta), fp32 on CUDA cores", backward_v1},
     {"dq over the tile lists, dk dv ddelta by alive slots, mma.sync, no atomics", backward_v2},
-    {"the dk dv ddelta pass on wgmma (sm_90a), a producer warpgroup, two blocks per SM",
+    {"wgmma (sm_90a): dq as the Hopper forward's blocks, dk dv ddelta by slots, producer warpgroups",
      backward_v3, true},
 };
 constexpr int kNumVersions = int(sizeof(kVersions) / sizeof(kVersions[0]));
@@ -359,7 +362,7 @@ int main(int argc, char** argv) {
       "dma_bwd_lab",
       "Runs DMA backward kernel version N, validates it against the float64 reference and times "
       "it (cuda/dev/README.md).",
-      "kernel version: 1 = a thread per row and per key, 2 = mma.sync, 3 = wgmma dk/dv (Hopper)",
+      "kernel version: 1 = a thread per row and per key, 2 = mma.sync, 3 = wgmma (Hopper)",
       kVersions, kNumVersions, /*flops_per_pair_dim=*/10, /*with_do=*/true, validate_case};
   return lab::run_ladder(argc, argv, ladder);
 }

@@ -456,13 +456,16 @@ __global__ void reduce_partials_kernel(Dims d, const float* __restrict__ dk_part
   }
 }
 
-template <typename T, int D>
-void launch_dq(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+template <typename T>
+void launch_dsum(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   const int rows = d.B * d.Hq * d.Lq;
-  dsum_kernel<T><<<(rows * 32 + 255) / 256, 256, 0, st>>>(rows, D, static_cast<const T*>(a.dout),
+  dsum_kernel<T><<<(rows * 32 + 255) / 256, 256, 0, st>>>(rows, d.D, static_cast<const T*>(a.dout),
                                                           a.o, const_cast<float*>(a.dsum));
   DMA_CUDA_CHECK_LAUNCH(dsum_kernel);
+}
 
+template <typename T, int D>
+void launch_dq(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t q_smem = dq_smem_bytes<D>();
   DMA_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)q_smem));
@@ -484,16 +487,16 @@ void launch_dkdv(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 
 // dk, dv (or dk_part, dv_part) and ddelta must be zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
-    launch_dq<decltype(elem), decltype(head_dim)::value>(d, a, st);
-  });
+  dispatch(d.precision, d.D, [&](auto elem, auto) { launch_dsum<decltype(elem)>(d, a, st); });
 #if defined(DMA_HAVE_SM90)
   if (std::strcmp(backward_kernel_name(), "sm90") == 0) {
+    launch_dq_sm90(d, a, st);  // dq_sm90.cu
     launch_dkdv_sm90(d, a, st);  // backward_sm90.cu
   } else
 #endif
   {
     dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+      launch_dq<decltype(elem), decltype(head_dim)::value>(d, a, st);
       launch_dkdv<decltype(elem), decltype(head_dim)::value>(d, a, st);
     });
   }

@@ -20,8 +20,7 @@
 // summation: the pass is deterministic, as backward.cu's is.
 #include <climits>
 
-#include "tables.cuh"
-#include "sm90.cuh"
+#include "gather_sm90.cuh"
 #include "kernels.hpp"
 
 namespace dma::cuda::detail {
@@ -29,9 +28,9 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kSlots = 64;               // one wgmma row per slot
+constexpr int kSlots = kSweepSlots;      // 64: one wgmma row per slot
 constexpr int kSubQ = 64;                // queries per step: half a table tile
-constexpr int kConsumers = 128, kProducers = 128, kThreads = kConsumers + kProducers;
+constexpr int kConsumers = 128, kThreads = kConsumers + kProducers;
 constexpr int kBlocksPerSm = 2;
 // Registers per thread after setmaxnreg: 65536 / kBlocksPerSm per block, 128 each at launch.
 constexpr int kProducerRegs = 32, kConsumerRegs = 224;
@@ -59,6 +58,32 @@ __device__ __forceinline__ bool step_full(const SlotRecord& rc, int p_lo, int p_
   return rc.all_live && rc.hi_key <= p_lo && rc.lo_evict >= p_hi;
 }
 
+// Where the sums of (b, delta head) bhd go: dk, dv (per delta head when Hd > Hkv) and ddelta
+// rows of key j, or the carry entry of slot s in span > 0 (kernels.hpp).
+struct SweepOut {
+  float *dk, *dv, *ddelta;           // rows j
+  float *carry_dk, *carry_dv, *carry_dd;  // entries of this (span, bhd): slot s
+  __device__ SweepOut(const Dims& d, const AttnArgs& a, int bhd, int span) {
+    const int hk = bhd % d.Hd * (d.Hq / d.Hd) / (d.Hq / d.Hkv);  // as the kernel's
+    const size_t bhk = (size_t)(bhd / d.Hd * d.Hkv + hk);
+    const bool partials = backward_partials(d);
+    dk = partials ? a.dk_part + (size_t)bhd * d.Lk * d.D : a.dk + bhk * d.Lk * d.D;
+    dv = partials ? a.dv_part + (size_t)bhd * d.Lk * d.D : a.dv + bhk * d.Lk * d.D;
+    ddelta = a.ddelta + (size_t)bhd * d.Lk;
+    const size_t slots = (size_t)sweep_slot_blocks(d) * kSlots;
+    const size_t entries = (size_t)(sweep_spans(d) - 1) * d.B * d.Hd * slots;
+    const size_t first = (size_t)(span > 0 ? span - 1 : 0) * d.B * d.Hd * slots + (size_t)bhd * slots;
+    carry_dk = a.carry + first * d.D;
+    carry_dv = a.carry + (entries + first) * d.D;
+    carry_dd = a.carry + 2 * entries * d.D + first;
+  }
+};
+
+// Key j in slot s at tile t > 0 lived there at tile t-1 too (its sums before t are another span's).
+__device__ __forceinline__ bool carried_into(const Dims& d, const TableView& tv, int t, int s, int j) {
+  return tv.slot(t - 1, s, rule::query_position(d.Lq, d.Lk, d.causal, t * kTileQ - 1)) == j;
+}
+
 template <int D>
 struct Smem {  // byte offsets from a 1024-aligned base
   static constexpr uint32_t tile_bytes = 64 * D * 2;  // 64 rows of D elements, swizzled
@@ -82,20 +107,6 @@ __device__ __forceinline__ void for_each_step(const Dims& d, int t, int heads, F
     for (int i0 = i_begin; i0 < i_end; i0 += kSubQ)
       f(h, i0, rule::query_position(d.Lq, d.Lk, d.causal, i0),
         rule::query_position(d.Lq, d.Lk, d.causal, min(i0 + kSubQ, d.Lq) - 1));
-}
-
-// Rows i0 .. i0+64 of a (L, D) matrix (clamped; rows past L zero-filled) into a swizzled tile,
-// by the 128 threads of the producer (pt = 0 .. 127).
-template <typename T, int D>
-__device__ __forceinline__ void copy_rows(unsigned char* dst, const T* __restrict__ src, int i0,
-                                          int L, int pt) {
-  constexpr int kChunks = D / 8;
-  #pragma unroll 4
-  for (int c = pt; c < 64 * kChunks; c += kProducers) {
-    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
-    cp_async_16(dst + swizzled_offset<64>(r, chunk), src + (size_t)min(i, L - 1) * D + chunk * 8,
-                i < L);
-  }
 }
 
 template <typename T, int D>
@@ -137,11 +148,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     // ---- The producer: records and steps, in the consumer's order. ----
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - kConsumers, pw = pt / 32;
-    const int S = tables_implicit(d) ? d.Lk : table_stride(d), T_tiles = table_tiles(d);
+    const int S = tables_implicit(d) ? d.Lk : table_stride(d);
+    const int t_begin = blockIdx.z * sweep_span_tiles(d);  // this block's span of query tiles
+    const int t_end = min(t_begin + sweep_span_tiles(d), table_tiles(d));
     const TableView tv(d, a.tables, bhd);
     int* partial = reinterpret_cast<int*>(smem + L::partial);
     int n_rec = 0, n_step = 0;
-    for (int t = 0; t < T_tiles; ++t) {
+    for (int t = t_begin; t < t_end; ++t) {
       const int p_last = rule::query_position(d.Lq, d.Lk, d.causal, min((t + 1) * kTileQ, d.Lq) - 1);
       const int j = pt < kSlots && s0 + pt < S ? tv.slot(t, s0 + pt, p_last) : -1;
       const int e = j >= 0 ? __ldg(evict_bh + j) : -1;
@@ -188,9 +201,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
         const int buf = n_step % 2;
         if (n_step >= 2) mbarrier_wait(empty + buf, (n_step / 2 - 1) & 1);
         const size_t bhq = (size_t)(b * d.Hq + hq0 + h);
-        copy_rows<T, D>(smem + L::q + buf * L::tile_bytes,
+        produce_rows<T, D, 64>(smem + L::q + buf * L::tile_bytes,
                         static_cast<const T*>(a.q) + bhq * d.Lq * D, i0, d.Lq, pt);
-        copy_rows<T, D>(smem + L::dout + buf * L::tile_bytes,
+        produce_rows<T, D, 64>(smem + L::dout + buf * L::tile_bytes,
                         static_cast<const T*>(a.dout) + bhq * d.Lq * D, i0, d.Lq, pt);
         if (pt < kSubQ) {
           const size_t i = bhq * d.Lq + min(i0 + pt, d.Lq - 1);  // (rows past Lq are never kept)
@@ -215,10 +228,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   const int g = lane / 4, t4 = lane % 4;
   const T* k_bh = static_cast<const T*>(a.k) + bhk * d.Lk * D;
   const T* v_bh = static_cast<const T*>(a.v) + bhk * d.Lk * D;
-  const bool partials = backward_partials(d);
-  float* dk_out = partials ? a.dk_part + (size_t)bhd * d.Lk * D : a.dk + bhk * d.Lk * D;
-  float* dv_out = partials ? a.dv_part + (size_t)bhd * d.Lk * D : a.dv + bhk * d.Lk * D;
-  float* ddelta_bh = a.ddelta + (size_t)bhd * d.Lk;
   const float scale2 = d.scale * kLog2e;
 
   // Descriptors (sm90.cuh). K-major: K, V as A (the slots' rows), q, dO as B of S^T and dP^T;
@@ -239,8 +248,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   int key[2] = {-1, -1}, evict[2] = {-1, -1};
   float delta2[2] = {0.0f, 0.0f};
 
-  // Writes the gradients of this thread's keys that leave their slots (next != key) and clears
-  // their accumulators (by selects, so the accumulators keep one definition for the wgmma).
+  // Writes the gradients of this thread's keys that leave their slots (next != key), or their
+  // carried sums, and clears their accumulators (by selects, so that the accumulators keep one
+  // definition for the wgmma).
   auto flush = [&](const int next[2]) {
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -250,8 +260,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
       const int j = key[r];
       const bool leaves = next[r] != j;  // (the same for the 4 threads of a quad)
       if (leaves && j >= 0) {
-        float* dk_row = dk_out + (size_t)j * D;
-        float* dv_row = dv_out + (size_t)j * D;
+        // (computed here, where it is needed: held, these would take registers from the steps)
+        const int span = blockIdx.z;
+        const SweepOut out(d, a, bhd, span);
+        const bool carried =
+            span > 0 && carried_into(d, TableView(d, a.tables, bhd), span * sweep_span_tiles(d), s0 + slot_l[r], j);
+        const size_t row = carried ? (size_t)(s0 + slot_l[r]) : (size_t)j;
+        float* dk_row = (carried ? out.carry_dk : out.dk) + row * D;
+        float* dv_row = (carried ? out.carry_dv : out.dv) + row * D;
         #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
           *reinterpret_cast<float2*>(dk_row + n * 8 + t4 * 2) =
@@ -259,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
           *reinterpret_cast<float2*>(dv_row + n * 8 + t4 * 2) =
               make_float2(dv_acc[4 * n + 2 * r], dv_acc[4 * n + 2 * r + 1]);
         }
-        if (t4 == 0) ddelta_bh[j] = sum;
+        if (t4 == 0) (carried ? out.carry_dd : out.ddelta)[row] = sum;
       }
       #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
@@ -385,14 +401,41 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// Adds the carried sums to their keys' rows (kernels.hpp): one thread per (b, delta head, slot,
+// column), the spans in order, so that a key carried across several spans is summed in order.
+__global__ void sweep_fixup_kernel(Dims d, AttnArgs a) {
+  const int spans = sweep_spans(d), span_tiles = sweep_span_tiles(d);
+  const int S = tables_implicit(d) ? d.Lk : table_stride(d), slots = sweep_slot_blocks(d) * kSlots;
+  const size_t n = (size_t)d.B * d.Hd * slots * d.D;
+  for (size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x; x < n;
+       x += (size_t)gridDim.x * blockDim.x) {
+    const int col = (int)(x % d.D), s = (int)(x / d.D % slots), bhd = (int)(x / d.D / slots);
+    if (s >= S) continue;
+    const TableView tv(d, a.tables, bhd);
+    for (int span = 1; span < spans; ++span) {
+      const int t = span * span_tiles;
+      const int j = tv.slot(t, s, rule::query_position(d.Lq, d.Lk, d.causal, min((t + 1) * kTileQ, d.Lq) - 1));
+      if (j < 0 || !carried_into(d, tv, t, s, j)) continue;
+      const SweepOut out(d, a, bhd, span);
+      out.dk[(size_t)j * d.D + col] += out.carry_dk[(size_t)s * d.D + col];
+      out.dv[(size_t)j * d.D + col] += out.carry_dv[(size_t)s * d.D + col];
+      if (col == 0) out.ddelta[j] += out.carry_dd[s];
+    }
+  }
+}
+
 template <typename T, int D>
 void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t smem = Smem<D>::bytes;
   DMA_CUDA_CHECK(cudaFuncSetAttribute(dkdv_sm90_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const int S = tables_implicit(d) ? d.Lk : table_stride(d);
-  dkdv_sm90_kernel<T, D><<<dim3((S + kSlots - 1) / kSlots, d.B * d.Hd), kThreads, smem, st>>>(d, a);
+  const dim3 grid(sweep_slot_blocks(d), d.B * d.Hd, sweep_spans(d));
+  dkdv_sm90_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(dkdv_sm90_kernel);
+  if (sweep_spans(d) > 1) {
+    sweep_fixup_kernel<<<1024, 256, 0, st>>>(d, a);
+    DMA_CUDA_CHECK_LAUNCH(sweep_fixup_kernel);
+  }
 }
 
 }  // namespace

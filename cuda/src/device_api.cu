@@ -172,6 +172,7 @@ void attention_backward(const Config& c, const void* q, const void* k, const voi
   x.lse = const_cast<float*>(lse);
   x.dout = dout;
   x.dsum = at<float>(workspace, w.dsum);
+  x.carry = at<float>(workspace, w.carry);
   x.dq = dq;
   x.dk = dk;
   x.dv = dv;

@@ -21,8 +21,7 @@
 // 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
 // reads its B operand once for 64 rows, Q is not held in registers, and the copies are issued
 // by warps that do nothing else. The rungs and their figures are in cuda/dev/dma_fwd_lab.cu.
-#include "tables.cuh"
-#include "sm90.cuh"
+#include "gather_sm90.cuh"
 #include "kernels.hpp"
 
 namespace dma::cuda::detail {
@@ -31,30 +30,10 @@ namespace {
 using namespace sm90;
 
 constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
-constexpr int kProducers = 128;              // the third warpgroup
 constexpr int kThreads = 32 * kConsumerWarps + kProducers;
 // Registers per thread after setmaxnreg: 65536 in all, 168 each at launch.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= 65536, "registers");
-
-// The keys of one block of kBn candidates: the keys (-1 past the end of the list), their e_j and
-// delta_j * log2(e).
-template <int kBn>
-struct KeyBlock {
-  int key[kBn];
-  int evict[kBn];
-  float delta2[kBn];
-};
-// True when every key of the block is kept by every query position in [p_lo, p_hi] (a warp's
-// 16 rows need no element mask). Warp-uniform; call from all lanes of a warp.
-template <int kBn>
-__device__ __forceinline__ bool block_kept_by(const KeyBlock<kBn>& kb, int p_lo, int p_hi) {
-  bool ok = true;
-  #pragma unroll
-  for (int e = threadIdx.x % 32; e < kBn; e += 32)
-    ok = ok && kb.key[e] >= 0 && kb.key[e] <= p_lo && kb.evict[e] >= p_hi;
-  return __all_sync(0xffffffffu, ok);
-}
 
 // kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks
 // c+1 .. being copied. Measured on the H200 (cuda/dev/dma_fwd_lab, 16K): D = 64 runs blocks of
@@ -77,55 +56,12 @@ struct Smem {  // byte offsets from a 1024-aligned base
   static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
 };
 
-// ---- the producer warpgroup -----------------------------------------------------------------
-// Rows i0 .. i0+kTileQ of q (clamped; rows past Lq zero-filled) into the swizzled Q tile.
-template <typename T, int D>
-__device__ __forceinline__ void produce_q(unsigned char* dst, const T* __restrict__ q_bh, int i0,
-                                          int Lq, int pt) {
-  constexpr int kChunks = D / 8;
-  for (int c = pt; c < kTileQ * kChunks; c += kProducers) {
-    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
-    cp_async_16(dst + swizzled_offset<kTileQ>(r, chunk), q_bh + (size_t)min(i, Lq - 1) * D + chunk * 8,
-                i < Lq);
-  }
-}
-// Candidates r0 .. r0+kBn of tile t: their keys, e_j and delta_j * log2(e) into kt, then their
-// rows of k and v into the swizzled K and V tiles (rows past the list zero-filled).
-template <typename T, int D, int kBn>
-__device__ __forceinline__ void produce_tile(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
-                                             const T* __restrict__ k_bh, const T* __restrict__ v_bh,
-                                             const int* __restrict__ evict_bh,
-                                             const float* __restrict__ delta_bh, const TableView& tv,
-                                             int t, int r0, int n_alive, int pt) {
-  if (pt < kBn) {
-    const int j = r0 + pt < n_alive ? tv.candidate(t, r0 + pt) : -1;
-    kt.key[pt] = j;
-    kt.evict[pt] = j >= 0 ? __ldg(evict_bh + j) : -1;
-    kt.delta2[pt] = j >= 0 ? __ldg(delta_bh + j) * kLog2e : 0.0f;
-  }
-  named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
-  // Thread pt copies chunk pt % kChunks of rows pt / kChunks, + kRowStep, ...: the chunk, and with
-  // it the swizzle (rows step by a multiple of 8), is the same for all of them.
-  constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
-  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
-  const int chunk = pt % kChunks, row0 = pt / kChunks;
-  const uint32_t dst0 = swizzled_offset<kBn>(row0, chunk);
-  #pragma unroll
-  for (int r = row0, i = 0; r < kBn; r += kRowStep, ++i) {
-    const int j = kt.key[r];
-    const size_t src = (size_t)max(j, 0) * D + chunk * 8;
-    cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, j >= 0);
-    cp_async_16(v_dst + dst0 + i * kRowStep * 128, v_bh + src, j >= 0);
-  }
-}
-
 template <typename T, int D, int kBn, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnArgs a) {
   // (With two buffers the producer would wait for a buffer that the consumers free only after
   // receiving the block it has not handed over yet.)
   static_assert(kStages >= 3, "the producer hands block c-1 over after starting block c");
   static_assert(Smem<D, kBn, kStages>::bytes <= 227 * 1024, "a block's shared memory on sm_90");
-  static_assert(kBn <= kProducers, "one producer thread per key of a block");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Smem<D, kBn, kStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -160,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
       mbarrier_init(full + st, kProducers);       // every producer thread
-      mbarrier_init(empty + st, kConsumerWarps);  // one lane of every consumer warp
+      mbarrier_init(empty + st, 32 * kConsumerWarps);  // every consumer thread
     }
   }
   __syncthreads();  // the barriers are initialized (the only barrier across the block)
@@ -172,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     // releases them).
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - 32 * kConsumerWarps;
-    produce_q<T, D>(smem + L::q, q_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq, pt);
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
@@ -208,10 +144,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     return v_desc0 + ((buf * L::tile_bytes + kk * 16 * 128) >> 4);
   };
   auto wait_for_tile = [&](int c) { mbarrier_wait(full + c % kStages, (c / kStages) & 1); };
-  auto hand_back = [&](int c) {  // this warp's products are done with the buffers of tile c
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(empty + c % kStages);
-  };
+  // This thread is done with the buffers of tile c (its products, and its reads of the keys).
+  // Every thread arrives: one lane per warp after __syncwarp would do, but compute-sanitizer's
+  // racecheck does not see the other lanes' reads ordered before it.
+  auto hand_back = [&](int c) { mbarrier_arrive(empty + c % kStages); };
 
   float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in sm90.cuh)
   #pragma unroll

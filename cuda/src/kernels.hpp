@@ -70,6 +70,7 @@ struct AttnArgs {
   const float* dsum;            // D_i = do_i . o_i  (B,Hq,Lq)
   float *dq, *dk, *dv, *ddelta; // written: dq (B,Hq,Lq,D), dk, dv (B,Hkv,Lk,D), ddelta (B,Hd,Lk)
   float *dk_part, *dv_part;     // (B,Hd,Lk,D) scratch, only when Hd > Hkv (backward_partials)
+  float* carry;                 // sweep_carry_floats scratch (backward_sm90.cu), when spans > 1
 };
 // Picks the kernel: on a compute capability 9.0 device (H100, H200) the wgmma kernel of
 // forward_sm90.cu when the library was built with it (DMA_HAVE_SM90), else the mma.sync kernel
@@ -88,10 +89,34 @@ const char* backward_kernel_name();
 
 // backward.cu ------------------------------------------------------------------------------
 // Writes every element of dq, dk, dv and ddelta (no accumulation, no atomics: deterministic).
-// The dk/dv pass runs on the wgmma kernel of backward_sm90.cu where backward_kernel_name()
-// says "sm90" (the dq pass is backward.cu's on every device).
+// Where backward_kernel_name() says "sm90" the two passes run on the wgmma kernels of
+// dq_sm90.cu and backward_sm90.cu (dk, dv, ddelta).
 __host__ __device__ inline bool backward_partials(const Dims& d) { return d.Hd > d.Hkv; }
+// The Hopper dk/dv sweep (backward_sm90.cu) runs one block per 64 slots of a (b, delta head);
+// when those are too few blocks for the GPU it also splits the query tiles into spans of
+// sweep_span_tiles tiles, one block per (slots, span). A shape's property, not the device's, so
+// that the results do not depend on the device. The sums of a key that lives across the first
+// tile of a span are carried: that span's block writes them to the workspace (sweep_carry_floats)
+// and a fixup adds them to the key's, in span order.
+constexpr int kSweepSlots = 64, kSweepTargetBlocks = 1024;
+__host__ __device__ inline int sweep_slot_blocks(const Dims& d) {
+  return ((tables_implicit(d) ? d.Lk : table_stride(d)) + kSweepSlots - 1) / kSweepSlots;
+}
+__host__ __device__ inline int sweep_span_tiles(const Dims& d) {
+  const int blocks = sweep_slot_blocks(d) * d.B * d.Hd, T = table_tiles(d);
+  int spans = (kSweepTargetBlocks + blocks - 1) / blocks;
+  spans = spans < T / 8 ? spans : (T / 8 > 1 ? T / 8 : 1);  // spans of 8 tiles at least
+  return (T + spans - 1) / spans;
+}
+__host__ __device__ inline int sweep_spans(const Dims& d) {
+  return (table_tiles(d) + sweep_span_tiles(d) - 1) / sweep_span_tiles(d);
+}
+// Carried sums: dK, dV (D floats each) and ddelta of every slot of every (span > 0, b, delta head).
+inline size_t sweep_carry_floats(const Dims& d) {
+  return (size_t)(sweep_spans(d) - 1) * d.B * d.Hd * sweep_slot_blocks(d) * kSweepSlots * (2 * d.D + 1);
+}
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st);
+void launch_dq_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 void launch_dkdv_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 

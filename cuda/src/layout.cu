@@ -87,6 +87,7 @@ WorkspaceLayout workspace_layout(const Dims& d) {
     w.dk_part = append(w.bytes, delta_n * d.D * 4);
     w.dv_part = append(w.bytes, delta_n * d.D * 4);
   }
+  w.carry = append(w.bytes, sweep_carry_floats(d) * 4);
   w.z = append(w.bytes, delta_n * 4);
   w.dz = append(w.bytes, delta_n * 4);
   w.delta2 = append(w.bytes, delta_n * 4);

@@ -11,6 +11,7 @@
 //               sweep      int32             slot-sweep state when too large for shared memory
 //               dk_part,   (B,Hd,Lk,D) f32   per-delta-head dK, dV when Hd > Hkv
 //               dv_part
+//               carry      f32               dk/dv sweep sums carried across spans (Hopper)
 //               z, dz      (B,Hd,Lk) f32     pre-activation of delta and its gradient
 //               delta2     (B,Hd,Lk) f32     delta recomputed with z in the backward (discarded)
 //               dsum       (B,Hq,Lq) f32     D_i = do_i . o_i
@@ -33,7 +34,7 @@ struct MaskStateLayout {
 MaskStateLayout mask_state_layout(const Dims& d);
 
 struct WorkspaceLayout {
-  size_t keys = 0, sorted = 0, sweep = 0, dk_part = 0, dv_part = 0, z = 0, dz = 0, delta2 = 0,
+  size_t keys = 0, sorted = 0, sweep = 0, dk_part = 0, dv_part = 0, carry = 0, z = 0, dz = 0, delta2 = 0,
          dsum = 0, dw_partials = 0, bytes = 0;
   bool sorts = false;  // keys and sorted exist (w < Lk)
 };
