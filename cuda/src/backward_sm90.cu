@@ -342,21 +342,32 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 
       // P^T (acc[4n + 2r + e]: slot row slot_l[r], query column 8n + 2t4 + e); k16 slice kk of
       // the queries is the accumulators of column blocks 2kk, 2kk+1 (the A layout, sm90.cuh).
-      const bool all_kept = step_full(rc, p_lo, p_hi);
       const float* lse_t = lse_s + buf * kSubQ;
       const float* dsum_t = dsum_s + buf * kSubQ;
-      #pragma unroll
-      for (int n = 0; n < kSubQ / 8; ++n) {
+      if (step_full(rc, p_lo, p_hi) && i0 + kSubQ <= d.Lq) {  // (uniform) no element mask
         #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + t4 * 2 + e, i = i0 + col;
-          const float lse2 = lse_t[col] * kLog2e;
-          const int p = rule::query_position(d.Lq, d.Lk, d.causal, i);
+        for (int n = 0; n < kSubQ / 8; ++n) {
+          const float2 lse = *reinterpret_cast<const float2*>(lse_t + n * 8 + t4 * 2);
           #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const bool kept = i < d.Lq && (all_kept || rule::is_kept(key[r], p, evict[r]));  // (empty: e = -1)
-            float& x = acc[4 * n + 2 * r + e];
-            x = kept ? fast_exp2(fmaf(x, scale2, delta2[r]) - lse2) : 0.0f;
+            acc[4 * n + 2 * r] = fast_exp2(fmaf(acc[4 * n + 2 * r], scale2, delta2[r]) - lse.x * kLog2e);
+            acc[4 * n + 2 * r + 1] = fast_exp2(fmaf(acc[4 * n + 2 * r + 1], scale2, delta2[r]) - lse.y * kLog2e);
+          }
+        }
+      } else {
+        #pragma unroll
+        for (int n = 0; n < kSubQ / 8; ++n) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n * 8 + t4 * 2 + e, i = i0 + col;
+            const float lse2 = lse_t[col] * kLog2e;
+            const int p = rule::query_position(d.Lq, d.Lk, d.causal, i);
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const bool kept = i < d.Lq && rule::is_kept(key[r], p, evict[r]);  // (empty: e = -1)
+              float& x = acc[4 * n + 2 * r + e];
+              x = kept ? fast_exp2(fmaf(x, scale2, delta2[r]) - lse2) : 0.0f;
+            }
           }
         }
       }

@@ -162,7 +162,20 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   auto compute_ds = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];
     const int r0 = c * kBn, nt = min(kBn, n_alive - r0);
-    const bool all_kept = r0 + kBn <= n_full || block_kept_by(kt, warp_p_first, warp_p_last);
+    if (r0 + kBn <= n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {  // no element mask
+      #pragma unroll
+      for (int n = 0; n < kBn / 8; ++n) {
+        const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float* x = &s[4 * n + 2 * r];
+          float* y = &dp[4 * n + 2 * r];
+          y[0] = fast_exp2(fmaf(x[0], scale2, d2.x) - lse2[r]) * (y[0] - dsum[r]);
+          y[1] = fast_exp2(fmaf(x[1], scale2, d2.y) - lse2[r]) * (y[1] - dsum[r]);
+        }
+      }
+      return;
+    }
     #pragma unroll
     for (int n = 0; n < kBn / 8; ++n) {
       #pragma unroll
@@ -172,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
         const float d2 = kt.delta2[col];
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool kept = all_kept || (col < nt && rule::is_kept(j, p_row[r], ej));
+          const bool kept = col < nt && rule::is_kept(j, p_row[r], ej);
           const float p = kept ? fast_exp2(fmaf(s[4 * n + 2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
           dp[4 * n + 2 * r + e] = p * (dp[4 * n + 2 * r + e] - dsum[r]);  // exactly 0 where p is 0
         }
