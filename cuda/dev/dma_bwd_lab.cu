@@ -24,10 +24,18 @@
 //   version  what it adds                                          median ms, TFLOP/s (kept pairs)
 //   v1       a thread per query row for dq, a thread per key for   3001 ms, 0.056 TFLOP/s
 //            dk, dv, ddelta; fp32 on CUDA cores, global loads
-//   v2       production (cuda/src/backward.cu): dq over the tile   2.894 ms, 58 TFLOP/s (1037x v1)
-//            lists, dk dv ddelta by alive slots, mma.sync; no
-//            atomics (the figure is dma_bench's backward phase on
-//            the same shape, bench/results/tables_p1/grid_d128/)
+//   v2       mma.sync (cuda/src/backward.cu): dq over the tile     2.894 ms, 58 TFLOP/s (1037x v1)
+//            lists, dk dv ddelta by alive slots; no atomics (the
+//            figure is dma_bench's backward phase on the same
+//            shape, bench/results/tables_p1/grid_d128/)
+//   v3       wgmma (Hopper), the rungs that built it (commits; bench/results/hopper_bwd/):
+//            dk/dv on wgmma, one warpgroup of 64 slots, two      1.878 ms, 90 TFLOP/s (bc37177)
+//            blocks per SM (dense 16K: 13.90 ms; v2 17.96)
+//            + dq on wgmma (the Hopper forward's blocks)         1.546 ms (dense 9.15)
+//            + the sweep split into spans of query tiles when    1.027 ms (dense 9.19; w = 2048
+//              its slot blocks are too few for the GPU             2.724, from 3.300)
+//            + no mask arithmetic where a step is kept whole     1.011 ms, 167 TFLOP/s (299b435;
+//                                                                  dense 8.47, w = 2048 2.625)
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,
