@@ -92,10 +92,10 @@ def nvcc_major():
 
 if with_cuda:
     sources += [str(p) for p in sorted((CUDA / "src").glob("*.cu"))]
-    # CUDA 12 and newer: every kernel is built for sm_90a, so the Hopper forward
-    # (cuda/src/forward_sm90.cu: wgmma, setmaxnreg) is in and chosen at run time. (CMake builds
-    # only that file for sm_90a; one extension takes one set of flags.) Older CUDA cannot target
-    # sm_90a: sm_90, with the mma.sync forward only.
+    # CUDA 12 and newer: every kernel is built for sm_90a, so the Hopper kernels
+    # (cuda/src/forward_sm90.cu, dq_sm90.cu, backward_sm90.cu: wgmma, setmaxnreg) are in and
+    # chosen at run time. (CMake builds only those files for sm_90a; one extension takes one set
+    # of flags.) Older CUDA cannot target sm_90a: sm_90, with the mma.sync kernels only.
     sm90a = nvcc_major() >= 12
     arch = (["-gencode=arch=compute_90a,code=sm_90a", "-DDMA_HAVE_SM90=1"] if sm90a
             else ["-gencode=arch=compute_90,code=sm_90"])

@@ -328,8 +328,8 @@ TEST_SUITE("cuda") {
     }
   }
 
-  // On a Hopper GPU the forward and the backward's dk/dv pass run the wgmma kernels
-  // (forward_sm90.cu, backward_sm90.cu); the mma.sync kernels (forward.cu, backward.cu) are the
+  // On a Hopper GPU the forward and both backward passes run the wgmma kernels (forward_sm90.cu,
+  // dq_sm90.cu, backward_sm90.cu); the mma.sync kernels (forward.cu, backward.cu) are the
   // path elsewhere and are forced here with DMA_CUDA_FORWARD / DMA_CUDA_BACKWARD = sm80. Both
   // are checked against the reference, and sm90 is asked for by name where it must run.
   const Case kKernelCases[] = {

@@ -1,13 +1,14 @@
 // DMA backward on Hopper (sm_90a): backward.cu's key-major pass (dk, dv and ddelta by alive
-// slots) with its four products on wgmma. The query-major dq pass stays backward.cu's.
+// slots) with its four products on wgmma. The query-major dq pass is dq_sm90.cu.
 //
 // One block = kSlots = 64 slots of one (b, delta head): a consumer warpgroup whose 64 wgmma rows
 // are the slots (warp w owns slots 16w .. 16w+15, as in backward.cu) and a producer warpgroup.
-// The producer walks the query tiles t = 0, 1, ...: it reads the slots' keys at tile t from the
-// tables and, when one of them lives, hands the consumer a record of them (their keys, e_j,
-// delta_j and their range), then copies the tile's steps: for every query head of the delta
-// head, each half of the tile (kSubQ queries) that a slot key reaches, its rows of q and dO and
-// their lse and D_i, into one of two buffers handed over by mbarrier (as in forward_sm90.cu).
+// The producer walks the query tiles of its span (below) in order: it reads the slots' keys at
+// tile t from the tables and, when one of them lives, hands the consumer a record of them (their
+// keys, e_j, delta_j and their range), then copies the tile's steps: for every query head of the
+// delta head, each half of the tile (kSubQ queries) that a slot key reaches, its rows of q and
+// dO and their lse and D_i, into one of two buffers handed over by mbarrier (as in
+// forward_sm90.cu).
 // Per record the consumer writes out the keys that leave their slots (dK, dV, ddelta in
 // registers until then) and copies the rows of K and V of the new ones; then per step
 // (paper notation, rows = the 64 slots' keys j, columns = the step's queries i):
@@ -16,8 +17,10 @@
 //   dS^T = P^T (dP^T - D_i),  ddelta_j += sum_i dS^T[j, i]
 //   dV  += P^T dO,  dK += dS^T Q           wgmma m64nDk16, P^T and dS^T from registers
 // and dk = scale * dK when the key leaves. Two blocks share an SM, so that one's elementwise
-// work runs while the other's products do. Gradients are written once each, in a fixed order of
-// summation: the pass is deterministic, as backward.cu's is.
+// work runs while the other's products do. With one span (the whole sweep in one block) every
+// gradient is written once; with several, the sums carried across a span's first tile are
+// added by sweep_fixup_kernel in span order (kernels.hpp). Either way the order of summation is
+// fixed: the pass is deterministic, as backward.cu's is.
 #include <climits>
 
 #include "gather_sm90.cuh"
@@ -298,7 +301,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     if (t < 0) break;
 
     // The K, V rows of the slots whose key changed since the last record (all of them at the
-    // first; empty slots get zero rows). Every wgmma of the last step has completed.
+    // first; empty slots get zero rows). A thread overwrites rows other warps' products read:
+    // safe because every wgmma of the last step has completed for the whole warpgroup (this
+    // thread's wait<0> returned, and dK's product, issued by every warp only after its own
+    // products reading K and V were waited for, is one collective operation).
     constexpr int kChunks = D / 8;
     const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
     #pragma unroll 4
@@ -414,6 +420,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 
 // Adds the carried sums to their keys' rows (kernels.hpp): one thread per (b, delta head, slot,
 // column), the spans in order, so that a key carried across several spans is summed in order.
+// A key keeps its slot while it lives (docs/design.md §2.9), so no two threads add to one row.
 __global__ void sweep_fixup_kernel(Dims d, AttnArgs a) {
   const int spans = sweep_spans(d), span_tiles = sweep_span_tiles(d);
   const int S = tables_implicit(d) ? d.Lk : table_stride(d), slots = sweep_slot_blocks(d) * kSlots;

@@ -1,4 +1,5 @@
-// Which kernel family runs a pass: the wgmma kernels (forward_sm90.cu, backward_sm90.cu) on a
+// Which kernel family runs a pass: the wgmma kernels (forward_sm90.cu; dq_sm90.cu and
+// backward_sm90.cu) on a
 // compute capability 9.0 device when the library was built with them (DMA_HAVE_SM90), the
 // mma.sync kernels (forward.cu, backward.cu) everywhere else. An environment variable per pass
 // overrides it: DMA_CUDA_FORWARD, DMA_CUDA_BACKWARD = sm80 (the ladder's lower rung, for

@@ -88,7 +88,8 @@ const char* forward_kernel_name();
 const char* backward_kernel_name();
 
 // backward.cu ------------------------------------------------------------------------------
-// Writes every element of dq, dk, dv and ddelta (no accumulation, no atomics: deterministic).
+// Writes every element of dq, dk, dv and ddelta, without atomics and in a fixed order of
+// summation (deterministic); the Hopper sweep's fixup adds carried sums after their keys' rows.
 // Where backward_kernel_name() says "sm90" the two passes run on the wgmma kernels of
 // dq_sm90.cu and backward_sm90.cu (dk, dv, ddelta).
 __host__ __device__ inline bool backward_partials(const Dims& d) { return d.Hd > d.Hkv; }
