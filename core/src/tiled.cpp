@@ -165,6 +165,8 @@ void check_tiles(const TileConfig& tc) {
   if (tc.Bq < 1 || tc.Bk < 1)
     throw Error("tiles: Bq = " + std::to_string(tc.Bq) + ", Bk = " + std::to_string(tc.Bk) +
                 " (both must be >= 1)");
+  if (tc.span_tiles < 0)
+    throw Error("tiles: span_tiles = " + std::to_string(tc.span_tiles) + " (0: one span, or >= 1)");
 }
 
 // What the backward reads, in one place.
@@ -273,9 +275,14 @@ void scatter_backward(const BackwardInputs<T>& in, const TileConfig& tc, Attenti
 // slot stays there for its whole run of tiles (docs/design.md §2.9), so when slot_key changes
 // between t-1 and t (or after the last tile) the old key has seen every query that keeps it, and
 // its gradients are written, once, by assignment.
+//
+// With span_tiles > 0 the tiles are cut into spans, each swept from empty accumulators (one GPU
+// block per slot block and span). A key in its slot at a span's first tile and at the tile before
+// was written by an earlier span: this span's sums for it are carried, and added to its rows
+// after every block and span is done, in span order.
 template <typename T>
-void slot_sweep(const BackwardInputs<T>& in, int64_t Bk, const CandidateTable& table, int64_t b,
-                int64_t hd, T* dk_bh, T* dv_bh, T* ddelta_bh, TileCounters& c) {
+void slot_sweep(const BackwardInputs<T>& in, int64_t Bk, int64_t span_tiles, const CandidateTable& table,
+                int64_t b, int64_t hd, T* dk_bh, T* dv_bh, T* ddelta_bh, TileCounters& c) {
   const Shape& s = in.s;
   const T scale = static_cast<T>(in.opt.softmax_scale(s));
   const int64_t group = s.Hq / s.Hd;  // query heads hd*group .. (hd+1)*group-1, one kv head
@@ -285,32 +292,49 @@ void slot_sweep(const BackwardInputs<T>& in, int64_t Bk, const CandidateTable& t
   const T* delta_bh = &in.delta[(b * s.Hd + hd) * s.Lk];
   const int64_t* evict_bh = &in.evict[(b * s.Hd + hd) * s.Lk];
   std::vector<uint8_t> written(static_cast<size_t>(s.Lk), 0);
-
-  for (int64_t s0 = 0; s0 < table.slots_used; s0 += Bk) {
+  struct Carry {  // a key's sums from a span after the one that wrote its rows
+    int32_t j;
+    Vec<T> dk, dv;
+    T ddelta;
+  };
+  std::vector<Carry> carries;
+  const int64_t span = std::max<int64_t>(1, span_tiles > 0 ? span_tiles : table.tiles);
+  const int64_t n_spans = (table.tiles + span - 1) / span;
+  // One pass per (slot block, span), a slot block's spans in order (on the GPU: a block each).
+  for (int64_t pass = 0; pass < (table.slots_used + Bk - 1) / Bk * n_spans; ++pass) {
+    const int64_t s0 = pass / n_spans * Bk, t_begin = pass % n_spans * span;
     const int64_t n = std::min(Bk, table.slots_used - s0);  // slots s0 .. s0+n-1
     std::vector<int32_t> held(static_cast<size_t>(n), -1);  // the key each slot accumulates
+    std::vector<uint8_t> carried(static_cast<size_t>(n), 0);  // ... and it lived before t_begin
     Mat<T> dKb = Mat<T>::Zero(n, s.D), dVb = Mat<T>::Zero(n, s.D);
     Vec<T> dDb = Vec<T>::Zero(n);
-    auto write = [&](int64_t cc) {  // the key of slot s0 + cc left: its gradients are complete
+    auto write = [&](int64_t cc) {  // the key of slot s0 + cc left: its sums are complete
       const int32_t j = held[cc];
-      if (written[j]) throw std::logic_error("slot sweep: key " + std::to_string(j) + " written twice");
-      written[j] = 1;
-      for (int64_t d = 0; d < s.D; ++d) {
-        dk_bh[j * s.D + d] = dKb(cc, d);
-        dv_bh[j * s.D + d] = dVb(cc, d);
+      if (carried[cc]) {
+        carries.push_back({j, dKb.row(cc).transpose(), dVb.row(cc).transpose(), dDb(cc)});
+      } else {
+        if (written[j]) throw std::logic_error("slot sweep: key " + std::to_string(j) + " written twice");
+        written[j] = 1;
+        for (int64_t d = 0; d < s.D; ++d) {
+          dk_bh[j * s.D + d] = dKb(cc, d);
+          dv_bh[j * s.D + d] = dVb(cc, d);
+        }
+        ddelta_bh[j] = dDb(cc);
+        c.key_writes += 1;
       }
-      ddelta_bh[j] = dDb(cc);
       dKb.row(cc).setZero();
       dVb.row(cc).setZero();
       dDb(cc) = 0;
-      c.key_writes += 1;
     };
 
-    for (int64_t t = 0; t < table.tiles; ++t) {
+    for (int64_t t = t_begin; t < std::min(t_begin + span, table.tiles); ++t) {
       const int32_t* keys = &table.slot_key[t * table.stride + s0];
       bool occupied = false;
       for (int64_t cc = 0; cc < n; ++cc) {
         if (held[cc] >= 0 && keys[cc] != held[cc]) write(cc);
+        if (keys[cc] != held[cc])  // a new key; at the span's first tile it may be an old one
+          carried[cc] = t == t_begin && t > 0 && keys[cc] >= 0 &&
+                        table.slot_key[(t - 1) * table.stride + s0 + cc] == keys[cc];
         held[cc] = keys[cc];
         occupied = occupied || keys[cc] >= 0;
       }
@@ -356,8 +380,19 @@ void slot_sweep(const BackwardInputs<T>& in, int64_t Bk, const CandidateTable& t
         c.pairs_swept += rows * n;
       }
     }
-    for (int64_t cc = 0; cc < n; ++cc)  // the keys still alive after the last tile
+    for (int64_t cc = 0; cc < n; ++cc)  // the keys still alive after the span's last tile
       if (held[cc] >= 0) write(cc);
+  }
+
+  // The carried sums, in span order (one key lives in one slot block, whose spans ran in order).
+  for (const Carry& cr : carries) {
+    if (!written[cr.j]) throw std::logic_error("slot sweep: key " + std::to_string(cr.j) + " carried, never written");
+    for (int64_t d = 0; d < s.D; ++d) {
+      dk_bh[cr.j * s.D + d] += cr.dk(d);
+      dv_bh[cr.j * s.D + d] += cr.dv(d);
+    }
+    ddelta_bh[cr.j] += cr.ddelta;
+    c.key_carries += 1;
   }
 }
 
@@ -382,7 +417,7 @@ void slot_backward(const BackwardInputs<T>& in, const TileConfig& tc, AttentionG
       const int64_t off = ((partials ? b * s.Hd : b * s.Hkv) + hd) * s.Lk * s.D;
       T* dk_bh = partials ? &dk_part[off] : &g.dk[off];
       T* dv_bh = partials ? &dv_part[off] : &g.dv[off];
-      slot_sweep(in, tc.Bk, tables[b * s.Hd + hd], b, hd, dk_bh, dv_bh,
+      slot_sweep(in, tc.Bk, tc.span_tiles, tables[b * s.Hd + hd], b, hd, dk_bh, dv_bh,
                  &g.ddelta[(b * s.Hd + hd) * s.Lk], c);
     }
 

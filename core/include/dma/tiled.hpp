@@ -34,6 +34,11 @@ struct TileConfig {
   int64_t Bq = 64;  // queries per tile (gather: also the tiles of the candidate table)
   int64_t Bk = 64;  // keys per tile (gather: keys per list chunk, and slots per slot block)
   TileMode mode = TileMode::gather;
+  // gather: the slot sweep runs in spans of span_tiles query tiles (0: one span), as the Hopper
+  // kernel splits it when its slot blocks are few (cuda/src/backward_sm90.cu): each span starts
+  // with empty accumulators, the sums of a key that lives across a span's first tile are
+  // carried, and added to the key's row after the sweep, in span order.
+  int64_t span_tiles = 0;
 };
 
 // Work counters, summed over (b, hq) and query tiles unless said otherwise. "Causal-dense" is what
@@ -64,6 +69,7 @@ struct TileCounters {
                             // empty slots included (the GPU computes them masked)
   int64_t key_writes = 0;   // keys whose dk, dv, ddelta the sweep wrote, summed over
                             // (b, delta head): each key that is a candidate of some tile, once
+  int64_t key_carries = 0;  // sums carried across a span's first tile and added afterwards
 
   double work_fraction() const {
     return pairs_dense ? static_cast<double>(pairs_computed) / static_cast<double>(pairs_dense) : 0;
