@@ -15,7 +15,7 @@
 //   2. times it on the problem of the flags, as TFLOP/s on the kept pairs: 10*D flops per kept
 //      pair (q.k and do.v recomputed, dv += p do, dk += ds q, dq += ds k), bench/dma_bench's count.
 // Exit status: 0 pass, 1 a failed validation (or a CUDA error), 2 a bad argument, 77 no usable
-// CUDA device.
+// CUDA device (or version 3, the Hopper kernels, on another GPU).
 //
 // ==== MEASURED ON THE H200 ===================================================================
 // `dma_bwd_lab N --L 16384` (2026-12-01, NVIDIA H200, driver 580.159.04, commit fd5fc02;

@@ -15,7 +15,7 @@
 //      and as TFLOP/s counted on the kept pairs: 4*D flops per kept (query, key) pair (2*D for
 //      q.k, 2*D for p v), the count bench/dma_bench uses.
 // Exit status: 0 pass, 1 a failed validation (or a CUDA error), 2 a bad argument, 77 no usable
-// CUDA device.
+// CUDA device (or version 3, the Hopper kernels, on another GPU).
 //
 // ==== MEASURED ON THE H200 ===================================================================
 // From `scripts/gpu_run.sh device lab` (2026-12-01, NVIDIA H200, driver 580.159.04, commit
