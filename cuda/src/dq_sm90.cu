@@ -32,16 +32,8 @@ static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= 65536, 
 constexpr int kBn = 64, kStages = 4;
 
 template <int D>
-struct Smem {  // byte offsets from a 1024-aligned base
-  static constexpr uint32_t rows_bytes = kTileQ * D * 2;  // Q or dO
-  static constexpr uint32_t tile_bytes = kBn * D * 2;     // one K or V block
-  static constexpr uint32_t q = 0, dout = q + rows_bytes;
-  static constexpr uint32_t k = dout + rows_bytes;
-  static constexpr uint32_t v = k + kStages * tile_bytes;
-  static constexpr uint32_t keys = v + kStages * tile_bytes;
-  static constexpr uint32_t bars = keys + kStages * sizeof(KeyBlock<kBn>);  // full[kStages], empty[kStages]
-  static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
-};
+using Smem = QueryTileSmem<D, kBn, kStages, 2>;  // Q and dO, then the K, V buffers (gather_sm90.cuh)
+constexpr int kQ = 0, kDout = 1;                 // their row tiles
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a) {
@@ -90,8 +82,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     // over once its copies (and, with block 0, those of Q and dO) have landed.
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - kConsumers;
-    produce_rows<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq, pt);
-    produce_rows<T, D, kTileQ>(smem + L::dout, do_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::rows(kQ), q_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::rows(kDout), do_bh, i0, d.Lq, pt);
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
@@ -146,10 +138,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     const int buf = c % kStages;
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, kBn>(s, rows_desc(L::q, kk), block_desc(L::k, buf, kk), kk > 0);
+      wgmma_ss<T, kBn>(s, rows_desc(L::rows(kQ), kk), block_desc(L::k, buf, kk), kk > 0);
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, kBn>(dp, rows_desc(L::dout, kk), block_desc(L::v, buf, kk), kk > 0);
+      wgmma_ss<T, kBn>(dp, rows_desc(L::rows(kDout), kk), block_desc(L::v, buf, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_dq = [&](int c) {  // dQ += dS_c K_c, asynchronous

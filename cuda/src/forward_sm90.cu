@@ -46,15 +46,7 @@ template <> struct Plan<64> { static constexpr int kBn = 128, kStages = 4; };
 template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 4; };
 
 template <int D, int kBn, int kStages>
-struct Smem {  // byte offsets from a 1024-aligned base
-  static constexpr uint32_t q = 0, q_bytes = kTileQ * D * 2;
-  static constexpr uint32_t tile_bytes = kBn * D * 2;  // one K or V tile
-  static constexpr uint32_t k = q + q_bytes;
-  static constexpr uint32_t v = k + kStages * tile_bytes;
-  static constexpr uint32_t keys = v + kStages * tile_bytes;
-  static constexpr uint32_t bars = keys + kStages * sizeof(KeyBlock<kBn>);  // full[kStages], empty[kStages]
-  static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
-};
+using Smem = QueryTileSmem<D, kBn, kStages, 1>;  // Q, then the K, V buffers (gather_sm90.cuh)
 
 template <typename T, int D, int kBn, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnArgs a) {
@@ -108,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     // releases them).
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - 32 * kConsumerWarps;
-    produce_rows<T, D, kTileQ>(smem + L::q, q_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::rows(0), q_bh, i0, d.Lq, pt);
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
@@ -131,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // The consumers. Descriptors (sm90.cuh) of this warpgroup's 64 rows of Q and of K_j, V_j in
   // buffer 0; a k16 step or another buffer is a constant added to the start address field
   // (units of 16 bytes), so the loops below add instead of re-encoding.
-  const uint64_t q_desc0 = descriptor(base + L::q + wg * 64 * 128, 16, 1024);
+  const uint64_t q_desc0 = descriptor(base + L::rows(0) + wg * 64 * 128, 16, 1024);
   const uint64_t k_desc0 = descriptor(base + L::k, 16, 1024);
   const uint64_t v_desc0 = descriptor(base + L::v, kBn * 128, 1024);
   auto q_desc = [&](int kk) {  // k16 step kk of D: 32 bytes inside a 64-column block

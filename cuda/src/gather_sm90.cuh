@@ -30,6 +30,22 @@ __device__ __forceinline__ bool block_kept_by(const KeyBlock<kBn>& kb, int p_lo,
   return __all_sync(0xffffffffu, ok);
 }
 
+// The shared memory of a block that owns one query tile and gathers its candidate keys kBn at a
+// time (forward_sm90.cu, dq_sm90.cu): kRowTiles swizzled tiles of the query tile's rows (Q; Q and
+// dO), kStages buffers of K, of V and of their KeyBlock, then the full[kStages] and
+// empty[kStages] mbarriers. Byte offsets from a 1024-aligned base.
+template <int D, int kBn, int kStages, int kRowTiles>
+struct QueryTileSmem {
+  static constexpr uint32_t rows_bytes = kTileQ * D * 2;  // one tile of the query tile's rows
+  static constexpr uint32_t tile_bytes = kBn * D * 2;     // one K or V block
+  static constexpr uint32_t rows(int r) { return r * rows_bytes; }  // row tile r
+  static constexpr uint32_t k = kRowTiles * rows_bytes;
+  static constexpr uint32_t v = k + kStages * tile_bytes;
+  static constexpr uint32_t keys = v + kStages * tile_bytes;
+  static constexpr uint32_t bars = keys + kStages * sizeof(KeyBlock<kBn>);
+  static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
+};
+
 // Rows i0 .. i0+kRows of a (L, D) matrix (clamped; rows past L zero-filled) into a swizzled
 // tile of kRows rows, by producer thread pt of kProducers.
 template <typename T, int D, int kRows>
