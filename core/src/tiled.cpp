@@ -299,94 +299,94 @@ void slot_sweep(const BackwardInputs<T>& in, int64_t Bk, int64_t span_tiles, con
   };
   std::vector<Carry> carries;
   const int64_t span = std::max<int64_t>(1, span_tiles > 0 ? span_tiles : table.tiles);
-  const int64_t n_spans = (table.tiles + span - 1) / span;
   // One pass per (slot block, span), a slot block's spans in order (on the GPU: a block each).
-  for (int64_t pass = 0; pass < (table.slots_used + Bk - 1) / Bk * n_spans; ++pass) {
-    const int64_t s0 = pass / n_spans * Bk, t_begin = pass % n_spans * span;
-    const int64_t n = std::min(Bk, table.slots_used - s0);  // slots s0 .. s0+n-1
-    std::vector<int32_t> held(static_cast<size_t>(n), -1);  // the key each slot accumulates
-    std::vector<uint8_t> carried(static_cast<size_t>(n), 0);  // ... and it lived before t_begin
-    Mat<T> dKb = Mat<T>::Zero(n, s.D), dVb = Mat<T>::Zero(n, s.D);
-    Vec<T> dDb = Vec<T>::Zero(n);
-    auto write = [&](int64_t cc) {  // the key of slot s0 + cc left: its sums are complete
-      const int32_t j = held[cc];
-      if (carried[cc]) {
-        carries.push_back({j, dKb.row(cc).transpose(), dVb.row(cc).transpose(), dDb(cc)});
-      } else {
-        if (written[j]) throw std::logic_error("slot sweep: key " + std::to_string(j) + " written twice");
-        written[j] = 1;
-        for (int64_t d = 0; d < s.D; ++d) {
-          dk_bh[j * s.D + d] = dKb(cc, d);
-          dv_bh[j * s.D + d] = dVb(cc, d);
-        }
-        ddelta_bh[j] = dDb(cc);
-        c.key_writes += 1;
-      }
-      dKb.row(cc).setZero();
-      dVb.row(cc).setZero();
-      dDb(cc) = 0;
-    };
-
-    for (int64_t t = t_begin; t < std::min(t_begin + span, table.tiles); ++t) {
-      const int32_t* keys = &table.slot_key[t * table.stride + s0];
-      bool occupied = false;
-      for (int64_t cc = 0; cc < n; ++cc) {
-        if (held[cc] >= 0 && keys[cc] != held[cc]) write(cc);
-        if (keys[cc] != held[cc])  // a new key; at the span's first tile it may be an old one
-          carried[cc] = t == t_begin && t > 0 && keys[cc] >= 0 &&
-                        table.slot_key[(t - 1) * table.stride + s0 + cc] == keys[cc];
-        held[cc] = keys[cc];
-        occupied = occupied || keys[cc] >= 0;
-      }
-      if (!occupied) {
-        c.slot_blocks_skipped += group;
-        continue;
-      }
-      // K_blk, V_blk (n, D) of the slots' keys; an empty slot is a zero row, masked below.
-      Mat<T> Kb = Mat<T>::Zero(n, s.D), Vb = Mat<T>::Zero(n, s.D);
-      for (int64_t cc = 0; cc < n; ++cc)
-        if (keys[cc] >= 0)
+  for (int64_t s0 = 0; s0 < table.slots_used; s0 += Bk)
+    for (int64_t t_begin = 0; t_begin < table.tiles; t_begin += span) {
+      const int64_t n = std::min(Bk, table.slots_used - s0);  // slots s0 .. s0+n-1
+      std::vector<int32_t> held(static_cast<size_t>(n), -1);  // the key each slot accumulates
+      std::vector<uint8_t> carried(static_cast<size_t>(n), 0);  // ... and it lived before t_begin
+      Mat<T> dKb = Mat<T>::Zero(n, s.D), dVb = Mat<T>::Zero(n, s.D);
+      Vec<T> dDb = Vec<T>::Zero(n);
+      auto write = [&](int64_t cc) {  // the key of slot s0 + cc left: its sums are complete
+        const int32_t j = held[cc];
+        if (carried[cc]) {
+          carries.push_back({j, dKb.row(cc).transpose(), dVb.row(cc).transpose(), dDb(cc)});
+        } else {
+          if (written[j]) throw std::logic_error("slot sweep: key " + std::to_string(j) + " written twice");
+          written[j] = 1;
           for (int64_t d = 0; d < s.D; ++d) {
-            Kb(cc, d) = k_bh[keys[cc] * s.D + d];
-            Vb(cc, d) = v_bh[keys[cc] * s.D + d];
+            dk_bh[j * s.D + d] = dKb(cc, d);
+            dv_bh[j * s.D + d] = dVb(cc, d);
           }
-      const int64_t i0 = t * table.Bq, rows = std::min(table.Bq, s.Lq - i0);
-      for (int64_t hq = hd * group; hq < (hd + 1) * group; ++hq) {
-        const int64_t row0 = (b * s.Hq + hq) * s.Lq + i0;
-        const Mat<T> Qi = CMap<T>(&in.q[row0 * s.D], rows, s.D);
-        const Mat<T> dOi = CMap<T>(&in.dout[row0 * s.D], rows, s.D);
-        const Vec<T> D_i = CVecMap<T>(&in.D_row[row0], rows);
-        // In the forward pass s = scale q.k + delta and p = exp(s - lse) on kept pairs (0 on the
-        // others and on empty slots), so now P again, for this tile's rows and the block's slots:
-        Mat<T> P = scale * (Qi * Kb.transpose());
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t p = query_position(s, in.opt.causal, i0 + r);
-          for (int64_t cc = 0; cc < n; ++cc) {
-            const int64_t j = keys[cc];
-            P(r, cc) = j >= 0 && is_kept(j, p, evict_bh[j])
-                           ? std::exp(P(r, cc) + delta_bh[j] - in.fwd.lse[row0 + r])
-                           : T(0);
-          }
+          ddelta_bh[j] = dDb(cc);
+          c.key_writes += 1;
         }
-        // o = P V          ->  dV_blk += P^T dO,  dP = dO V_blk^T
-        dVb.noalias() += P.transpose() * dOi;
-        const Mat<T> dP = dOi * Vb.transpose();
-        // p = softmax(s)   ->  dS = P * (dP - D)
-        const Mat<T> dS = (P.array() * (dP.colwise() - D_i).array()).matrix();
-        // s = scale q.k + delta -> dK_blk += scale dS^T Q, ddelta_blk += colsum dS
-        dKb.noalias() += scale * (dS.transpose() * Qi);
-        dDb += dS.colwise().sum().transpose();
-        c.slot_blocks_visited += 1;
-        c.pairs_swept += rows * n;
+        dKb.row(cc).setZero();
+        dVb.row(cc).setZero();
+        dDb(cc) = 0;
+      };
+
+      for (int64_t t = t_begin; t < std::min(t_begin + span, table.tiles); ++t) {
+        const int32_t* keys = &table.slot_key[t * table.stride + s0];
+        bool occupied = false;
+        for (int64_t cc = 0; cc < n; ++cc) {
+          if (held[cc] >= 0 && keys[cc] != held[cc]) write(cc);
+          if (keys[cc] != held[cc])  // a new key; at the span's first tile it may be an old one
+            carried[cc] = t == t_begin && t > 0 && keys[cc] >= 0 &&
+                          table.slot_key[(t - 1) * table.stride + s0 + cc] == keys[cc];
+          held[cc] = keys[cc];
+          occupied = occupied || keys[cc] >= 0;
+        }
+        if (!occupied) {
+          c.slot_blocks_skipped += group;
+          continue;
+        }
+        // K_blk, V_blk (n, D) of the slots' keys; an empty slot is a zero row, masked below.
+        Mat<T> Kb = Mat<T>::Zero(n, s.D), Vb = Mat<T>::Zero(n, s.D);
+        for (int64_t cc = 0; cc < n; ++cc)
+          if (keys[cc] >= 0)
+            for (int64_t d = 0; d < s.D; ++d) {
+              Kb(cc, d) = k_bh[keys[cc] * s.D + d];
+              Vb(cc, d) = v_bh[keys[cc] * s.D + d];
+            }
+        const int64_t i0 = t * table.Bq, rows = std::min(table.Bq, s.Lq - i0);
+        for (int64_t hq = hd * group; hq < (hd + 1) * group; ++hq) {
+          const int64_t row0 = (b * s.Hq + hq) * s.Lq + i0;
+          const Mat<T> Qi = CMap<T>(&in.q[row0 * s.D], rows, s.D);
+          const Mat<T> dOi = CMap<T>(&in.dout[row0 * s.D], rows, s.D);
+          const Vec<T> D_i = CVecMap<T>(&in.D_row[row0], rows);
+          // In the forward pass s = scale q.k + delta and p = exp(s - lse) on kept pairs (0 on the
+          // others and on empty slots), so now P again, for this tile's rows and the block's slots:
+          Mat<T> P = scale * (Qi * Kb.transpose());
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t p = query_position(s, in.opt.causal, i0 + r);
+            for (int64_t cc = 0; cc < n; ++cc) {
+              const int64_t j = keys[cc];
+              P(r, cc) = j >= 0 && is_kept(j, p, evict_bh[j])
+                             ? std::exp(P(r, cc) + delta_bh[j] - in.fwd.lse[row0 + r])
+                             : T(0);
+            }
+          }
+          // o = P V          ->  dV_blk += P^T dO,  dP = dO V_blk^T
+          dVb.noalias() += P.transpose() * dOi;
+          const Mat<T> dP = dOi * Vb.transpose();
+          // p = softmax(s)   ->  dS = P * (dP - D)
+          const Mat<T> dS = (P.array() * (dP.colwise() - D_i).array()).matrix();
+          // s = scale q.k + delta -> dK_blk += scale dS^T Q, ddelta_blk += colsum dS
+          dKb.noalias() += scale * (dS.transpose() * Qi);
+          dDb += dS.colwise().sum().transpose();
+          c.slot_blocks_visited += 1;
+          c.pairs_swept += rows * n;
+        }
       }
+      for (int64_t cc = 0; cc < n; ++cc)  // the keys still alive after the span's last tile
+        if (held[cc] >= 0) write(cc);
     }
-    for (int64_t cc = 0; cc < n; ++cc)  // the keys still alive after the span's last tile
-      if (held[cc] >= 0) write(cc);
-  }
 
   // The carried sums, in span order (one key lives in one slot block, whose spans ran in order).
   for (const Carry& cr : carries) {
-    if (!written[cr.j]) throw std::logic_error("slot sweep: key " + std::to_string(cr.j) + " carried, never written");
+    if (!written[cr.j])
+      throw std::logic_error("slot sweep: key " + std::to_string(cr.j) + " carried, never written");
     for (int64_t d = 0; d < s.D; ++d) {
       dk_bh[cr.j * s.D + d] += cr.dk(d);
       dv_bh[cr.j * s.D + d] += cr.dv(d);
