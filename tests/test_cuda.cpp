@@ -372,14 +372,38 @@ TEST_SUITE("cuda") {
     }
   }
 
+  // Head dims 32 and 256 have mma.sync kernels only (at D = 256 a forward or dq block takes half
+  // a query tile, and two dk/dv blocks split the columns of a slot block): auto picks them on
+  // Hopper too. Tails of every kind: a last tile of 77 and 44 rows (a second half with none).
+  TEST_CASE("cuda head dims 32 and 256: the mma.sync kernels match") {
+    const Case cases[] = {
+        {1, 4, 2, 2, 700, 700, 32, 200},
+        {1, 2, 1, 1, 500, 500, 32, 600, true, Form::linear, Precision::fp16},  // dense
+        {2, 2, 1, 1, 77, 190, 32, 20, false},                                 // non-causal
+        {1, 4, 2, 4, 333, 333, 256, 96, false},  // non-causal, Hd = Hq (per-delta-head partials)
+        {1, 2, 1, 1, 300, 300, 256, 64},
+        {1, 2, 2, 2, 130, 300, 256, 50, true, Form::exp, Precision::fp16},    // Lq < Lk
+        {1, 2, 1, 1, 500, 500, 256, 600},                                     // dense
+        {1, 2, 1, 1, 900, 900, 256, 200, true, Form::exp, Precision::bf16, true, true, 1},
+    };
+    for (const Case& c : cases) {
+      SUBCASE(c.name().c_str()) { check_case(c); }
+    }
+  }
+
   TEST_CASE("cuda kernel choice: an unknown DMA_CUDA_FORWARD or DMA_CUDA_BACKWARD is a dma::Error") {
-    const Case c{1, 2, 1, 1, 64, 64, 64, 16};
+    const Case c{1, 2, 1, 1, 64, 64, 64, 16}, c32{1, 2, 1, 1, 64, 64, 32, 16};
     std::mt19937_64 rng(1);
-    const dma::Problem<float> p = make_problem(c, rng);
+    const dma::Problem<float> p = make_problem(c, rng), p32 = make_problem(c32, rng);
     for (const char* variable : {"DMA_CUDA_FORWARD", "DMA_CUDA_BACKWARD"}) {
       const dma_test::ScopedEnv env(variable, "sm70");
       CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(p, c.prec),
                            (std::string("cuda: ") + variable + "=sm70 (sm80, sm90 or auto)").c_str(),
+                           dma::Error);
+      const dma_test::ScopedEnv env90(variable, "sm90");  // on any GPU: the head dim is named
+      CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(p32, c32.prec),
+                           (std::string("cuda: ") + variable +
+                            "=sm90: the wgmma kernels take head dims 64 and 128, not 32").c_str(),
                            dma::Error);
     }
   }
@@ -412,6 +436,8 @@ TEST_SUITE("cuda") {
         {1, 2, 1, 1, 700, 700, 128, 700},
         {1, 2, 1, 1, 1300, 1300, 64, 1300},
         {1, 2, 1, 1, 2200, 2200, 64, 200},
+        {1, 2, 1, 1, 150, 150, 256, 40},  // the half-tile blocks and the column split
+        {1, 2, 1, 1, 130, 200, 32, 16, false},
     };
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }
@@ -420,9 +446,9 @@ TEST_SUITE("cuda") {
 
   TEST_CASE("cuda errors: unsupported head dim and non-finite delta are dma::Error") {
     std::mt19937_64 rng(dma_test::test_seed());
-    Case c{1, 1, 1, 1, 16, 16, 32, 4};
+    Case c{1, 1, 1, 1, 16, 16, 48, 4};
     CHECK_THROWS_WITH_AS(dma::cuda::run_pipeline(make_problem(c, rng)),
-                         "D = 32: the CUDA backend supports head dims 64 and 128", dma::Error);
+                         "D = 48: the CUDA backend supports head dims 32, 64, 128 and 256", dma::Error);
     Case c2{1, 1, 1, 1, 16, 16, 64, 4};
     dma::Problem<float> p = make_problem(c2, rng);
     for (auto& a : p.a) a = 1e6f;  // exp(a * softplus(z)) overflows

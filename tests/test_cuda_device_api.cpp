@@ -202,7 +202,7 @@ TEST_SUITE("cuda") {
                          "cuda: delta is a null pointer", dma::Error);
     dc::Config bad = c;
     bad.shape.D = 96;
-    CHECK_THROWS_WITH_AS(dc::workspace_bytes(bad), "D = 96: the CUDA backend supports head dims 64 and 128",
+    CHECK_THROWS_WITH_AS(dc::workspace_bytes(bad), "D = 96: the CUDA backend supports head dims 32, 64, 128 and 256",
                          dma::Error);
     bad = c;
     bad.opt.window = 0;

@@ -267,11 +267,11 @@ TEST_SUITE("dma_run") {
 
   TEST_CASE("the cuda backend: unsupported head dims are bad data with or without a GPU") {
     Scratch tmp;
-    write_problem(tmp / "in", random_problem<float>(make_shape(1, 2, 1, 1, 8, 8, 32), make_options(4), 9));
+    write_problem(tmp / "in", random_problem<float>(make_shape(1, 2, 1, 1, 8, 8, 48), make_options(4), 9));
     const Run r = dma_run(tmp, "--in " + (tmp / "in") + " --out " + (tmp / "x") + " --window 4 --backend cuda");
 #ifdef DMA_TEST_HAVE_CUDA
     CHECK(r.code == 2);
-    CHECK(r.err == "dma_run: D = 32: the CUDA backend supports head dims 64 and 128\n");
+    CHECK(r.err == "dma_run: D = 48: the CUDA backend supports head dims 32, 64, 128 and 256\n");
 #else
     CHECK(r.code == 3);
     CHECK(r.err == "dma_run: --backend cuda: this dma_run was built without CUDA\n");

@@ -6,8 +6,9 @@
 //   dP = dO V^T, dS = P * (dP - D_i)
 // the gradients are split in two passes over the candidate tables (tables.cuh):
 //
-//   dq_kernel    query-major, the forward's walk: one block per query tile, its list kBk keys at
-//                a time; dQ += dS K in registers, dq = scale * dQ written at the end.
+//   dq_kernel    query-major, the forward's walk: one block per query tile (half a tile at
+//                D = 256, as the forward), its list kBk keys at a time; dQ += dS K in registers,
+//                dq = scale * dQ written at the end.
 //   dkdv_kernel  key-major by slots: one block per 64 slots of a (b, delta head) sweeps the query
 //                tiles in order. A key keeps its slot for the whole run of tiles that keeps it
 //                (docs/design.md §2), so its K, V rows stay in shared memory and its dK, dV and
@@ -16,6 +17,9 @@
 //                delta head's query heads). Per tile and query head, in sub-tiles of 32 queries:
 //                  S^T = K Q^T, dP^T = V dO^T      (16 keys x 32 queries per warp)
 //                  dV += P^T dO,  dK += dS^T Q
+//                At D = 256 the accumulators of 16 keys x 256 columns (dK and dV) do not fit in
+//                a thread's registers: two blocks share a slot block, each accumulating half the
+//                columns (S^T and dP^T, over all of D, are computed by both).
 //                With Hd > Hkv (one delta head per query head, GQA) several delta heads share a kv
 //                head: the sweep writes per-delta-head dK, dV and reduce_partials_kernel sums
 //                them in a fixed order.
@@ -41,17 +45,21 @@ __global__ void dsum_kernel(int rows, int D, const T* __restrict__ dout, const f
 }
 
 // ==== dq: query-major ==========================================================================
-constexpr int kQWarps = kTileQ / 16, kQThreads = 32 * kQWarps;
+// Queries per block (Q and dO of a whole tile and four K/V buffers do not fit in shared memory at
+// D = 256), and the threads of its warps (16 queries each).
+template <int D> constexpr int kDqBlockQ = D > 128 ? kTileQ / 2 : kTileQ;
+template <int D> constexpr int kDqThreads = 32 * kDqBlockQ<D> / 16;
 
 template <int D>
 constexpr size_t dq_smem_bytes() {
-  return sizeof(uint16_t) * (2 * kTileQ + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile) +
-         sizeof(float) * 2 * kTileQ;
+  return sizeof(uint16_t) * (2 * kDqBlockQ<D> + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile) +
+         sizeof(float) * 2 * kDqBlockQ<D>;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kQThreads) dq_kernel(Dims d, AttnArgs a) {
-  constexpr int kStride = D + 8, kBq = kTileQ, kBuf = kBk * kStride;
+__global__ void __launch_bounds__(kDqThreads<D>) dq_kernel(Dims d, AttnArgs a) {
+  constexpr int kStride = D + 8, kBq = kDqBlockQ<D>, kBuf = kBk * kStride;
+  constexpr int kParts = kTileQ / kBq, kQThreads = kDqThreads<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* dOs = Qs + kBq * kStride;         // [kBq][D+8]
@@ -62,10 +70,11 @@ __global__ void __launch_bounds__(kQThreads) dq_kernel(Dims d, AttnArgs a) {
   float* dsum_s = lse2_s + kBq;                        // [kBq] D_i
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int q_tile = gridDim.x - 1 - blockIdx.x;
+  const int part = gridDim.x - 1 - blockIdx.x, q_tile = part / kParts;
   const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
-  const int i0 = q_tile * kBq;
+  const int i0 = q_tile * kTileQ + (part % kParts) * kBq;
+  if (kParts > 1 && i0 >= d.Lq) return;  // the second half of a short last tile (block-uniform)
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
   const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
 
@@ -212,9 +221,12 @@ constexpr size_t dkdv_smem_bytes() {
          sizeof(float) * (4 * kSubQ + kSlots) + sizeof(int) * (3 * kSlots);
 }
 
+// Columns of dK, dV one block accumulates (blockIdx.z picks which).
+template <int D> constexpr int kDkdvCols = D > 128 ? 128 : D;
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
-  constexpr int kStride = D + 8, kVecs = D / 8;
+  constexpr int kStride = D + 8, kVecs = D / 8, kCols = kDkdvCols<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);   // [kSlots][D+8]  K rows of the slots' keys
   T* Vs = Ks + kSlots * kStride;        // [kSlots][D+8]  V rows
@@ -229,6 +241,7 @@ __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int s0 = blockIdx.x * kSlots, bhd = blockIdx.y;
+  const int c0 = kCols < D ? blockIdx.z * kCols : 0;  // this block's first column of dK, dV
   const int b = bhd / d.Hd, hd = bhd % d.Hd;
   const int heads = d.Hq / d.Hd;                 // query heads of this delta head
   const int hq0 = hd * heads, hk = hq0 / (d.Hq / d.Hkv);
@@ -251,11 +264,11 @@ __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
     reinterpret_cast<uint4*>(Ks)[c] = make_uint4(0, 0, 0, 0);
   if (tid < kSlots) key_s[tid] = -1, evict_s[tid] = -1, delta2_s[tid] = 0.0f;
 
-  // This thread's accumulators: rows (slots) warp*16 + g and + 8, columns n*8 + 2*t4 (+1).
+  // This thread's accumulators: rows (slots) warp*16 + g and + 8, columns c0 + n*8 + 2*t4 (+1).
   const int slot_l[2] = {warp * 16 + g, warp * 16 + g + 8};
-  float dk_acc[D / 8][4], dv_acc[D / 8][4], dd[2] = {0.0f, 0.0f};
+  float dk_acc[kCols / 8][4], dv_acc[kCols / 8][4], dd[2] = {0.0f, 0.0f};
   #pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+  for (int n = 0; n < kCols / 8; ++n)
     #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.0f;
 
@@ -270,19 +283,19 @@ __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
       const int j = key_s[slot_l[r]];
       if (next[r] == j) continue;
       if (j >= 0) {
-        float* dk_row = dk_out + (size_t)j * D;
-        float* dv_row = dv_out + (size_t)j * D;
+        float* dk_row = dk_out + (size_t)j * D + c0;
+        float* dv_row = dv_out + (size_t)j * D + c0;
         #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
+        for (int n = 0; n < kCols / 8; ++n) {
           *reinterpret_cast<float2*>(dk_row + n * 8 + t4 * 2) =
               make_float2(dk_acc[n][2 * r] * d.scale, dk_acc[n][2 * r + 1] * d.scale);
           *reinterpret_cast<float2*>(dv_row + n * 8 + t4 * 2) =
               make_float2(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
         }
-        if (t4 == 0) ddelta_bh[j] = sum;
+        if (t4 == 0 && c0 == 0) ddelta_bh[j] = sum;
       }
       #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
+      for (int n = 0; n < kCols / 8; ++n) {
         dk_acc[n][2 * r] = dk_acc[n][2 * r + 1] = 0.0f;
         dv_acc[n][2 * r] = dv_acc[n][2 * r + 1] = 0.0f;
       }
@@ -414,8 +427,8 @@ __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
           sf[2] = Elem<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
           sf[3] = Elem<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
           #pragma unroll
-          for (int dc = 0; dc < D / 16; ++dc) {
-            const int off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + dc * 16 +
+          for (int dc = 0; dc < kCols / 16; ++dc) {
+            const int off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + c0 + dc * 16 +
                             (lane / 16) * 8;
             uint32_t ob[4], qb[4];
             ldmatrix_x4_trans(ob, dOt + off);
@@ -469,7 +482,8 @@ void launch_dq(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t q_smem = dq_smem_bytes<D>();
   DMA_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)q_smem));
-  dq_kernel<T, D><<<dim3(table_tiles(d), d.Hq, d.B), kQThreads, q_smem, st>>>(d, a);
+  dq_kernel<T, D><<<dim3(table_tiles(d) * (kTileQ / kDqBlockQ<D>), d.Hq, d.B), kDqThreads<D>, q_smem,
+                    st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(dq_kernel);
 }
 
@@ -479,7 +493,8 @@ void launch_dkdv(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   DMA_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)k_smem));
   const int S = tables_implicit(d) ? d.Lk : table_stride(d);
-  dkdv_kernel<T, D><<<dim3((S + kSlots - 1) / kSlots, d.B * d.Hd), kKThreads, k_smem, st>>>(d, a);
+  const dim3 grid((S + kSlots - 1) / kSlots, d.B * d.Hd, D / kDkdvCols<D>);
+  dkdv_kernel<T, D><<<grid, kKThreads, k_smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(dkdv_kernel);
 }
 
@@ -487,15 +502,15 @@ void launch_dkdv(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 
 // dk, dv (or dk_part, dv_part) and ddelta must be zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  dispatch(d.precision, d.D, [&](auto elem, auto) { launch_dsum<decltype(elem)>(d, a, st); });
+  dispatch_elem(d.precision, [&](auto elem) { launch_dsum<decltype(elem)>(d, a, st); });
 #if defined(DMA_HAVE_SM90)
-  if (std::strcmp(backward_kernel_name(), "sm90") == 0) {
+  if (std::strcmp(backward_kernel_name(d.D), "sm90") == 0) {
     launch_dq_sm90(d, a, st);  // dq_sm90.cu
     launch_dkdv_sm90(d, a, st);  // backward_sm90.cu
   } else
 #endif
   {
-    dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+    dispatch<32, 64, 128, 256>(d.precision, d.D, [&](auto elem, auto head_dim) {
       launch_dq<decltype(elem), decltype(head_dim)::value>(d, a, st);
       launch_dkdv<decltype(elem), decltype(head_dim)::value>(d, a, st);
     });

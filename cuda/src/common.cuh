@@ -61,22 +61,23 @@ template <> struct Elem<__half> {
 
 // ---- precision and head-dim dispatch ---------------------------------------------------------
 // The one place where the run-time element type and head dim become template arguments:
-// f(T{}, std::integral_constant<int, D>{}) with T = __nv_bfloat16 or __half and D = 64 or 128.
-// Every kernel family is instantiated for these four combinations and no others.
+// dispatch<Ds...>(p, D, f) calls f(T{}, std::integral_constant<int, D>{}) with T = __nv_bfloat16
+// or __half and D one of Ds. The mma.sync kernels (forward.cu, backward.cu) are instantiated for
+// all four head dims, the wgmma kernels and the decode step for 64 and 128 only.
 template <int D> using HeadDim = std::integral_constant<int, D>;
-inline bool supported_head_dim(int D) { return D == 64 || D == 128; }
+inline bool supported_head_dim(int D) { return D == 32 || D == 64 || D == 128 || D == 256; }
+inline bool sm90_head_dim(int D) { return D == 64 || D == 128; }
 
 template <typename F>
 void dispatch_elem(Precision p, F&& f) {
   if (p == Precision::fp16) f(__half{});
   else f(__nv_bfloat16{});
 }
-template <typename F>
+template <int... kDims, typename F>
 void dispatch(Precision p, int D, F&& f) {
   dispatch_elem(p, [&](auto elem) {
-    if (D == 64) f(elem, HeadDim<64>{});
-    else if (D == 128) f(elem, HeadDim<128>{});
-    else throw dma::Error("cuda: unsupported head dim " + std::to_string(D) + " (64 and 128 are)");
+    const bool done = ((D == kDims ? (f(elem, HeadDim<kDims>{}), true) : false) || ...);
+    if (!done) throw dma::Error("cuda: this kernel has no instance for head dim " + std::to_string(D));
   });
 }
 

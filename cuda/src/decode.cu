@@ -519,7 +519,7 @@ DecodeDims make_decode_dims(const DecodeConfig& c) {
   const Shape s = l.shape(1, 1);
   validate_shape(s, true);
   validate_options(s, l.options());
-  if (!supported_head_dim(static_cast<int>(l.D)))
+  if (l.D != 64 && l.D != 128)
     throw dma::Error("D = " + std::to_string(l.D) + ": the CUDA decode step supports head dims 64 and 128");
   if (l.B > 65535 || l.Hd > 65535 || l.window >= (int64_t{1} << 24) ||
       l.B * l.Hd * l.window * l.D >= (int64_t{1} << 40))
@@ -648,7 +648,7 @@ void prefill(const DecodeConfig& c, const DeviceCache& cache, int64_t first, int
   }
   require(k, "k"), require(v, "v"), require(delta, "delta"), require(evict, "evict");
   const dim3 grid(d.Hd, (unsigned)n);
-  dispatch(c.precision, d.D, [&](auto, auto head_dim) {
+  dispatch<64, 128>(c.precision, d.D, [&](auto, auto head_dim) {
     constexpr int HD = decltype(head_dim)::value;
     decode_prefill_kernel<HD><<<grid, 256, 0, as_stream(stream)>>>(
         d, (int)first, (int)P, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v),
@@ -696,7 +696,7 @@ void step(const DecodeConfig& c, const DeviceCache& cache, const StepBuffers& b,
   a.status = reinterpret_cast<unsigned long long*>(b.status);
   a.part_o = static_cast<float*>(workspace);
   a.part_ml = offset<float>(workspace, step_o_bytes(d));
-  dispatch(c.precision, d.D, [&](auto elem, auto head_dim) {
+  dispatch<64, 128>(c.precision, d.D, [&](auto elem, auto head_dim) {
     using T = decltype(elem);
     constexpr int HD = decltype(head_dim)::value;
     decode_step_kernel<T, HD><<<dim3(d.splits, d.Hd, d.B), kThreads, 0, as_stream(stream)>>>(d, a);

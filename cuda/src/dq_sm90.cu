@@ -249,7 +249,7 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 }  // namespace
 
 void launch_dq_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st) {
-  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+  dispatch<64, 128>(d.precision, d.D, [&](auto elem, auto head_dim) {
     launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
   });
 }

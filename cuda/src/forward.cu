@@ -2,7 +2,8 @@
 // each query tile (the list of the candidate tables, tables.cuh), with the element mask
 // j <= p_i <= e_j evaluated in registers where the list says it is needed.
 //
-// One block = one query tile of kTileQ = 128 queries of one (b, query head), 16 per warp.
+// One block = one query tile of kTileQ = 128 queries of one (b, query head), 16 per warp; at
+// D = 256 (where 128 rows of Q and four K/V buffers would not fit in shared memory) half a tile.
 // Per tile of kBk = 64 listed keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
 //   S   = Q K_j^T                    mma.sync m16n8k16, fp32 accumulators   (16 x 64 per warp)
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept (in registers)
@@ -18,17 +19,19 @@
 namespace dma::cuda::detail {
 namespace {
 
-constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;
+// Queries per block, and the threads of its warps (16 queries each).
+template <int D> constexpr int kBlockQ = D > 128 ? kTileQ / 2 : kTileQ;
+template <int D> constexpr int kForwardThreads = 32 * kBlockQ<D> / 16;
 
 template <int D>
 constexpr size_t forward_smem_bytes() {
-  return sizeof(uint16_t) * (kTileQ + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile);
+  return sizeof(uint16_t) * (kBlockQ<D> + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile);
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
+__global__ void __launch_bounds__(kForwardThreads<D>) forward_kernel(Dims d, AttnArgs a) {
   constexpr int kStride = D + 8;  // +16 bytes per row: ldmatrix rows land in distinct banks
-  constexpr int kBq = kTileQ;
+  constexpr int kBq = kBlockQ<D>, kParts = kTileQ / kBq, kThreads = kForwardThreads<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* Ks = Qs + kBq * kStride;          // 2 x [kBk][D+8]  gathered K_j (double buffer)
@@ -37,11 +40,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   KeyTile* kts = reinterpret_cast<KeyTile*>(Vs + 2 * kBuf);  // 2 x: keys, e_j, delta_j of K_j
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
+  const int part = gridDim.x - 1 - blockIdx.x;   // causal: the longest tiles start first
+  const int q_tile = part / kParts;                // (the block's rows are a part of the tile)
   const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
-  const int i0 = q_tile * kBq;
+  const int i0 = q_tile * kTileQ + (part % kParts) * kBq;
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
+  if (kParts > 1 && i0 >= d.Lq) return;  // the second half of a short last tile (block-uniform)
   const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
 
   // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
@@ -64,12 +69,18 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   cp_async_wait<0>();
   __syncthreads();  // Q_i, K_0 and V_0 are in shared memory for every warp
 
-  // Q fragments stay in registers for the whole loop (A operand, 16 rows x D).
-  uint32_t qf[D / 16][4];
-  #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + kk * 16 +
-                            (lane / 16) * 8);
+  // Q fragments (A operand, 16 rows x D) stay in registers for the whole loop; at D = 256 they
+  // would not fit beside the 16 x 256 accumulator and are read from shared memory per product.
+  constexpr bool kQInRegisters = D <= 128;
+  auto q_fragment = [&](uint32_t f[4], int kk) {
+    ldmatrix_x4(f, Qs + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + kk * 16 +
+                       (lane / 16) * 8);
+  };
+  uint32_t qf[kQInRegisters ? D / 16 : 1][4];
+  if constexpr (kQInRegisters) {
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) q_fragment(qf[kk], kk);
+  }
 
   float o_acc[D / 8][4];
   #pragma unroll
@@ -100,13 +111,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
     for (int n = 0; n < kBk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t* qa = qf[kQInRegisters ? kk : 0];
+      if constexpr (!kQInRegisters) q_fragment(qf[0], kk);
       #pragma unroll
       for (int np = 0; np < kBk / 16; ++np) {
         uint32_t kb[4];
         ldmatrix_x4(kb, Ks + buf * kBuf + (np * 16 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 +
                             ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[2 * np], qf[kk], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+        mma_16816<T>(s[2 * np], qa, kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
       }
     }
 
@@ -217,8 +230,8 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t smem = forward_smem_bytes<D>();
   DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid(table_tiles(d), d.Hq, d.B);
-  forward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
+  const dim3 grid(table_tiles(d) * (kTileQ / kBlockQ<D>), d.Hq, d.B);
+  forward_kernel<T, D><<<grid, kForwardThreads<D>, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(forward_kernel);
 }
 
@@ -226,9 +239,9 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 #if defined(DMA_HAVE_SM90)
-  if (std::strcmp(forward_kernel_name(), "sm90") == 0) return launch_forward_sm90(d, a, st);
+  if (std::strcmp(forward_kernel_name(d.D), "sm90") == 0) return launch_forward_sm90(d, a, st);
 #endif
-  dispatch(d.precision, d.D, [&](auto elem, auto head_dim) {
+  dispatch<32, 64, 128, 256>(d.precision, d.D, [&](auto elem, auto head_dim) {
     launch<decltype(elem), decltype(head_dim)::value>(d, a, st);
   });
 }

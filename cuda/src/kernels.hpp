@@ -73,24 +73,25 @@ struct AttnArgs {
   float* carry;                 // sweep_carry_floats scratch (backward_sm90.cu), when spans > 1
 };
 // Picks the kernel: on a compute capability 9.0 device (H100, H200) the wgmma kernel of
-// forward_sm90.cu when the library was built with it (DMA_HAVE_SM90), else the mma.sync kernel
-// of forward.cu. DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
+// forward_sm90.cu when the library was built with it (DMA_HAVE_SM90) and D is 64 or 128, else
+// the mma.sync kernel of forward.cu (D = 32, 64, 128, 256). DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
 // ladder's lower rung, for comparisons); =sm90 requires the wgmma kernel.
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 
 // kernel_choice.cu -------------------------------------------------------------------------
-// The kernel family launch_forward / launch_backward would run on the current device: "sm90" or
-// "sm80". The variable DMA_CUDA_FORWARD / DMA_CUDA_BACKWARD is read at every call (so a CUDA
-// graph keeps the kernels of its capture). Throws dma::Error for a value other than sm80, sm90
-// and auto, or for sm90 without a compute capability 9.0 device and an sm_90a build.
-const char* forward_kernel_name();
-const char* backward_kernel_name();
+// The kernel family launch_forward / launch_backward would run on the current device for head
+// dim D: "sm90" or "sm80". The variable DMA_CUDA_FORWARD / DMA_CUDA_BACKWARD is read at every
+// call (so a CUDA graph keeps the kernels of its capture). Throws dma::Error for a value other
+// than sm80, sm90 and auto, or for sm90 without a compute capability 9.0 device and an sm_90a
+// build, or with a head dim other than 64 and 128.
+const char* forward_kernel_name(int D);
+const char* backward_kernel_name(int D);
 
 // backward.cu ------------------------------------------------------------------------------
 // Writes every element of dq, dk, dv and ddelta, without atomics and in a fixed order of
 // summation (deterministic); the Hopper sweep's fixup adds carried sums after their keys' rows.
-// Where backward_kernel_name() says "sm90" the two passes run on the wgmma kernels of
+// Where backward_kernel_name(D) says "sm90" the two passes run on the wgmma kernels of
 // dq_sm90.cu and backward_sm90.cu (dk, dv, ddelta).
 __host__ __device__ inline bool backward_partials(const Dims& d) { return d.Hd > d.Hkv; }
 // The Hopper dk/dv sweep (backward_sm90.cu) runs one block per 64 slots of a (b, delta head);
@@ -113,7 +114,9 @@ __host__ __device__ inline int sweep_spans(const Dims& d) {
   return (table_tiles(d) + sweep_span_tiles(d) - 1) / sweep_span_tiles(d);
 }
 // Carried sums: dK, dV (D floats each) and ddelta of every slot of every (span > 0, b, delta head).
+// None for the head dims the Hopper sweep does not take (D = 32, 256 run backward.cu's sweep).
 inline size_t sweep_carry_floats(const Dims& d) {
+  if (d.D != 64 && d.D != 128) return 0;
   return (size_t)(sweep_spans(d) - 1) * d.B * d.Hd * sweep_slot_blocks(d) * kSweepSlots * (2 * d.D + 1);
 }
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st);

@@ -26,7 +26,7 @@ Dims make_dims(const Config& c) {
   validate_options(s, c.opt);
   if (!supported_head_dim(static_cast<int>(s.D)))
     throw dma::Error("D = " + std::to_string(s.D) +
-                     ": the CUDA backend supports head dims 64 and 128");
+                     ": the CUDA backend supports head dims 32, 64, 128 and 256");
   constexpr int64_t kMax = (int64_t{1} << 30);
   // (grid limits: Hq and B*Hd on grid.y, B on grid.z)
   if (s.Lq >= kMax || s.Lk >= kMax || s.Hq > 65535 || s.B * s.Hd > 65535 || s.B > 65535)

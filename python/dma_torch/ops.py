@@ -14,7 +14,7 @@ from . import _C
 
 DMAError = _C.DMAError  # a ValueError: what the C++ side (dma::Error) reports
 
-_CUDA_HEAD_DIMS = (64, 128)
+_CUDA_HEAD_DIMS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
 _check_cuda = True
@@ -96,7 +96,7 @@ def _check_args(q, k, v, w_dt, a, delta, window, causal, form, scale):
     if causal and Lq > Lk:
         raise ValueError(f"q: causal attention needs Lq <= Lk, got Lq = {Lq}, Lk = {Lk}")
     if cuda and D not in _CUDA_HEAD_DIMS:
-        raise ValueError(f"q: head dim {D} is not supported by the CUDA kernels (64 or 128)")
+        raise ValueError(f"q: head dim {D} is not supported by the CUDA kernels (32, 64, 128 or 256)")
 
     if delta is not None:
         if w_dt is not None or a is not None:
@@ -267,7 +267,7 @@ def dma_attention(q, k, v, w_dt=None, a=None, *, delta=None, window, causal=True
     Query head hq reads kv head hq // (Hq // Hkv) and delta head hq // (Hq // Hd).
 
     Devices: CPU tensors in float32 or float64 run the tiled CPU implementation; CUDA tensors in
-    bfloat16 or float16 (head dim 64 or 128) run the CUDA kernels on the current stream (w_dt, a,
+    bfloat16 or float16 (head dim 32, 64, 128 or 256) run the CUDA kernels on the current stream (w_dt, a,
     delta in any floating dtype, used in float32). All tensors on one device; q, k, v (and on the
     CPU also w_dt, a, delta) of one dtype.
 

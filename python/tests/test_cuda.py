@@ -95,6 +95,9 @@ CASES = {
     "bf16_given_delta": dict(shape=(2, 4, 2, 4, 150, 150, 64), dtype=torch.bfloat16, window=20,
                              given_delta=True),
     "fp16_scale": dict(shape=(1, 2, 2, 2, 96, 96, 64), dtype=torch.float16, window=16, scale=0.1),
+    # head dims 32 and 256 run the mma.sync kernels also on Hopper
+    "bf16_d32": dict(shape=(1, 4, 2, 2, 300, 300, 32), dtype=torch.bfloat16, window=64),
+    "fp16_d256_gqa": dict(shape=(1, 4, 2, 4, 200, 200, 256), dtype=torch.float16, window=48),
 }
 
 
@@ -121,9 +124,9 @@ def test_cuda_current_stream_and_non_contiguous():
 
 def test_cuda_errors():
     x = {n: t.detach() for n, t in gpu_inputs(1, 2, 2, 2, 32, 32, 64, torch.bfloat16).items()}
-    with pytest.raises(ValueError, match="q: head dim 32"):
-        dma_attention(x["q"][..., :32], x["k"][..., :32], x["v"][..., :32],
-                      torch.zeros(2, 64, device="cuda"), x["a"], window=4)
+    with pytest.raises(ValueError, match="q: head dim 48"):
+        dma_attention(x["q"][..., :48], x["k"][..., :48], x["v"][..., :48],
+                      torch.zeros(2, 96, device="cuda"), x["a"], window=4)
     with pytest.raises(TypeError, match="q: dtype torch.float32"):
         dma_attention(x["q"].float(), x["k"].float(), x["v"].float(), x["w_dt"], x["a"], window=4)
     with pytest.raises(ValueError, match="k: is on cpu"):
