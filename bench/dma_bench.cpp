@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
   app.add_option("--B", a.B, "batch (>= 1)");
   app.add_option("--Hq", a.Hq, "query heads (>= 1, a multiple of --Hkv)");
   app.add_option("--Hkv", a.Hkv, "key/value heads, also the heads of delta (>= 1)");
-  app.add_option("--D", a.D, "head dim (the kernels take 64 and 128)");
+  app.add_option("--D", a.D, "head dim (32, 64, 128 or 256; the Hopper kernels take 64 and 128)");
   app.add_option("--reps", a.reps, "timed runs per configuration (>= 1; the median is reported)");
   app.add_option("--warmup", a.warmup, "untimed runs first (>= 0)");
   app.add_flag("--no-backward", a.no_backward, "time the forward phases only");

@@ -19,7 +19,7 @@ const char* backend_label(BackendId b);
 struct Params {
   Source source = Source::example;
   // Shape of random inputs (the example and bundles bring their own).
-  int B = 1, Lq = 512, Lk = 512, Hq = 8, Hkv = 2, D = 64;  // D = 64: the CUDA kernels support 64 and 128
+  int B = 1, Lq = 512, Lk = 512, Hq = 8, Hkv = 2, D = 64;  // D = 64: the CUDA kernels support 32, 64, 128, 256
   bool hd_is_hq = false;  // Hd = Hq (one mask per query head), else Hd = Hkv
   int window = 64;
   bool causal = true;

@@ -26,7 +26,7 @@ class DynamicMaskAttention(nn.Module):
 
     On CUDA the kernels take bfloat16/float16: q, k, v in another dtype (float32 parameters, say)
     are cast to cuda_dtype for the attention and the result cast back. The CUDA kernels need
-    head_dim 64 or 128; the CPU takes any.
+    head_dim 32, 64, 128 or 256; the CPU takes any.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,

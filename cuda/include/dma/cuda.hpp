@@ -16,8 +16,8 @@ namespace dma::cuda {
 // True when a CUDA device can be used; otherwise false and, if given, why ("no CUDA device").
 bool device_available(std::string* reason = nullptr);
 
-// Throws dma::Error when the kernels cannot run this shape (head dims other than 64 and 128, grid
-// limits), with a message listing what is supported. Needs no device.
+// Throws dma::Error when the kernels cannot run this shape (head dims other than 32, 64, 128 and
+// 256, grid limits), with a message listing what is supported. Needs no device.
 void check_supported(const Shape& s);
 
 // The whole pipeline on the GPU: inputs are rounded to `precision` (dma::round_to_precision gives

@@ -40,7 +40,8 @@ struct Config {
 };
 
 // Throws dma::Error when the kernels cannot run this configuration (invalid shape or options,
-// head dims other than 64 and 128, grid or 32-bit index limits), naming what is supported.
+// head dims other than 32, 64, 128 and 256, grid or 32-bit index limits), naming what is
+// supported.
 // Needs no device. Every call below starts with it.
 void check_config(const Config& c);
 
