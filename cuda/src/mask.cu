@@ -14,7 +14,9 @@
 //           above its own with a binary search in each sorted chunk (10 steps), until the count
 //           would reach w; inside that chunk it walks the 128-chunks the same way, and inside
 //           that 128-chunk it walks the positions. Cost per key: Lk/1024 * 10 + 8 * 7 + 128
-//           steps at most, instead of Lk.
+//           steps at most, instead of Lk. The searches of kGroup = 8 consecutive chunks (and the
+//           loads of 8 consecutive positions) do not depend on each other and run side by side:
+//           a key waits for Lk/8192 * 11 + 8 + 16 rounds of loads, not for every load in turn.
 //
 // When w >= Lk nothing is ever evicted: every e_j = Lk-1 and pass 1 is skipped. From evict the
 // candidate tables are built next (candidates.cu).
@@ -54,15 +56,28 @@ __global__ void __launch_bounds__(C) sort_chunks_kernel(int Lk, const float* __r
   sorted[((size_t)bh * n_chunks + blockIdx.x) * C + tid] = s[tid];
 }
 
-// Number of entries of an ascending array of C keys that are larger than `key`.
+constexpr int kGroup = 8;  // chunks (and positions) examined side by side
+
+// above[g] = the number of entries larger than `key` in chunk c0 + g, for g < kGroup: ascending
+// arrays of C keys, chunk c at s + c * C (chunks past `last` are read as chunk `last`: the
+// caller ignores them). The kGroup binary searches advance together, one load each per step.
 template <int C>
-__device__ __forceinline__ int count_above(const uint64_t* __restrict__ s, uint64_t key) {
-  int lo = 0;  // first index with s[index] > key, by binary search
+__device__ __forceinline__ void count_above(const uint64_t* __restrict__ s, int c0, int last,
+                                            uint64_t key, int above[kGroup]) {
+  const uint64_t* chunk[kGroup];
+  int lo[kGroup];  // first index with chunk[g][index] > key, by binary search
+  #pragma unroll
+  for (int g = 0; g < kGroup; ++g) chunk[g] = s + (size_t)min(c0 + g, last) * C, lo[g] = 0;
   #pragma unroll
   for (int step = C / 2; step > 0; step /= 2)  // lo = min(#entries <= key, C-1)
-    if (__ldg(s + lo + step - 1) <= key) lo += step;
-  lo += __ldg(s + lo) <= key;  // only possible when lo == C-1: all C entries are <= key
-  return C - lo;
+    #pragma unroll
+    for (int g = 0; g < kGroup; ++g)
+      if (__ldg(chunk[g] + lo[g] + step - 1) <= key) lo[g] += step;
+  #pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    lo[g] += __ldg(chunk[g] + lo[g]) <= key;  // only when lo == C-1: all C entries are <= key
+    above[g] = C - lo[g];
+  }
 }
 
 // grid (n_small_chunks, B*Hd), 128 threads: one key per thread.
@@ -79,18 +94,40 @@ __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
     const uint64_t key = keys_bh[j];
     int need = window;  // keys above j still to meet before j is evicted
     e = Lk - 1;         // unless we meet w of them
-    for (int cb = 0; cb < n_big; ++cb) {
-      const int above = count_above<kBig>(sorted_big + ((size_t)bh * n_big + cb) * kBig, key);
-      if (above < need) { need -= above; continue; }
-      // The w-th key above j is inside coarse chunk cb: refine over its fine chunks.
-      for (int cs = cb * (kBig / kSmall); cs < n_small; ++cs) {
-        const int a2 = count_above<kSmall>(sorted_small + ((size_t)bh * n_small + cs) * kSmall, key);
-        if (a2 < need) { need -= a2; continue; }
-        for (int m = cs * kSmall;; ++m)  // and finally over its positions, in order
-          if (keys_bh[m] > key && --need == 0) { e = m - 1; break; }
-        break;
+    static_assert(kBig / kSmall == kGroup, "one group of fine chunks spans a coarse chunk");
+    const uint64_t* big_bh = sorted_big + (size_t)bh * n_big * kBig;
+    const uint64_t* small_bh = sorted_small + (size_t)bh * n_small * kSmall;
+    int cb = -1;  // the coarse chunk that holds the w-th key above j
+    for (int c0 = 0; c0 < n_big && cb < 0; c0 += kGroup) {
+      int above[kGroup];
+      count_above<kBig>(big_bh, c0, n_big - 1, key, above);
+      #pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (cb >= 0 || c0 + g >= n_big) continue;
+        if (above[g] < need) need -= above[g];
+        else cb = c0 + g;
       }
-      break;
+    }
+    if (cb >= 0) {
+      // Refine over its fine chunks (all eight in one group) ...
+      int above[kGroup], cs = -1;
+      count_above<kSmall>(small_bh, cb * kGroup, n_small - 1, key, above);
+      #pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (cs >= 0) continue;
+        if (above[g] < need) need -= above[g];
+        else cs = cb * kGroup + g;
+      }
+      // ... and over the positions of that fine chunk, kGroup at a time, in order. (The chunk
+      // holds the key sought, so the walk ends inside it and inside 0 .. Lk-1.)
+      for (int m0 = cs * kSmall; e == Lk - 1; m0 += kGroup) {
+        uint64_t k8[kGroup];
+        #pragma unroll
+        for (int g = 0; g < kGroup; ++g) k8[g] = __ldg(keys_bh + min(m0 + g, Lk - 1));
+        #pragma unroll
+        for (int g = 0; g < kGroup; ++g)
+          if (e == Lk - 1 && k8[g] > key && --need == 0) e = m0 + g - 1;
+      }
     }
     evict[(size_t)bh * Lk + j] = e;
   }
