@@ -236,12 +236,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   // Descriptors (sm90.cuh). K-major: K, V as A (the slots' rows), q, dO as B of S^T and dP^T;
   // a k16 step of D is 32 bytes inside a 64-wide column block, the next block 64 * 128 bytes on.
   // MN-major: q, dO as B of dK and dV (k runs over the step's queries: 16 rows = 2048 bytes).
+  const uint64_t kmajor0 = descriptor(base, 16, 1024), mnmajor0 = descriptor(base, 64 * 128, 1024);
   auto kmajor = [&](uint32_t tile, int kk) {
-    return descriptor(base + tile + (kk / 4) * (64 * 128) + (kk % 4) * 32, 16, 1024);
+    return moved(moved(kmajor0, tile), (kk / 4) * (64 * 128) + (kk % 4) * 32);
   };
-  auto mnmajor = [&](uint32_t tile, int kk) {
-    return descriptor(base + tile + kk * 16 * 128, 64 * 128, 1024);
-  };
+  auto mnmajor = [&](uint32_t tile, int kk) { return moved(moved(mnmajor0, tile), kk * 16 * 128); };
 
   float dk_acc[D / 2], dv_acc[D / 2];  // dK, dV of the slots' keys: 64 x D (layout in sm90.cuh)
   #pragma unroll

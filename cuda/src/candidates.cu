@@ -5,9 +5,8 @@
 //                      definition does: keys whose interval ended leave their slot, the arriving
 //                      keys (in increasing j) take the lowest free slots, and the slot row of the
 //                      tile is written out. The slots live in shared memory (in global scratch
-//                      when w is too large for it); from a bitmap of the free slots and the count
-//                      of free slots before each 32-slot word, each arriving key finds its own
-//                      slot by binary search. Per tile O(S / threads + log S) steps, 3 barriers.
+//                      when w is too large for it); a bitmap of the free slots lets one warp hand
+//                      out the lowest ones. Per tile O(S / threads + arrivals) work, 3 barriers.
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
 //                      into the list, first the keys every query of the tile keeps (no element
 //                      mask needed), then the others, each group in slot order.
@@ -24,9 +23,8 @@ constexpr int kSweepThreads = 512;
 constexpr int kSweepWarps = kSweepThreads / 32;
 constexpr int kListThreads = 256;
 constexpr int kListWarps = kListThreads / 32;
-// Slot state per (b, delta head): key and e_j per slot, one bit per slot for "free", and per
-// 32-slot word of those bits the free slots before it.
-__host__ __device__ size_t sweep_state_bytes(int S) { return sizeof(int) * (2 * (size_t)S + 2 * ((S + 31) / 32)); }
+// Slot state per (b, delta head): key and e_j per slot, one bit per slot for "free".
+__host__ __device__ size_t sweep_state_bytes(int S) { return sizeof(int) * (2 * (size_t)S + (S + 31) / 32); }
 constexpr size_t kSweepSmemLimit = 160 * 1024;  // beyond this the state goes to global scratch
 
 struct TilePositions {
@@ -38,35 +36,30 @@ __device__ __forceinline__ TilePositions tile_positions(const Dims& d, int t) {
           rule::query_position(d.Lq, d.Lk, d.causal, i_last)};
 }
 
-// Warp 0 only: before[w] = the number of free slots in words 0 .. w-1 of the bitmap (w < n_words).
-__device__ void count_free_before(const unsigned* free_bits, int n_words, int* before) {
+// Warp 0 only: takes the `count` lowest free slots of the bitmap (clearing their bits) and
+// writes them, in increasing order, to slot_of[0 .. count).
+__device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int* slot_of) {
   const int lane = threadIdx.x % 32;
-  int total = 0;
-  for (int w0 = 0; w0 < n_words; w0 += 32) {
+  int taken = 0;
+  for (int w0 = 0; taken < count && w0 < n_words; w0 += 32) {
     const int word = w0 + lane;
-    const int n = word < n_words ? __popc(free_bits[word]) : 0;
-    int inclusive = n;
+    unsigned bits = word < n_words ? free_bits[word] : 0u;
+    const int n = __popc(bits);
+    int inclusive = n;  // free slots in words w0 .. word
     #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
       const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
       if (lane >= off) inclusive += x;
     }
-    if (word < n_words) before[word] = total + inclusive - n;
-    total += __shfl_sync(0xffffffffu, inclusive, 31);
+    int rank = taken + inclusive - n;  // rank of this word's lowest free slot
+    const unsigned before = bits;
+    while (bits != 0u && rank < count) {
+      slot_of[rank++] = word * 32 + __ffs(bits) - 1;
+      bits &= bits - 1u;
+    }
+    if (word < n_words && bits != before) free_bits[word] = bits;
+    taken += __shfl_sync(0xffffffffu, inclusive, 31);
   }
-}
-
-// The rank-th lowest free slot (rank from 0; there are more than rank): the last word with
-// fewer than rank + 1 free slots before it holds it, found by binary search.
-__device__ __forceinline__ int free_slot(const unsigned* free_bits, const int* before, int n_words,
-                                         int rank) {
-  int lo = 0, hi = n_words - 1;  // before[lo] <= rank < before[hi + 1] (before[n_words] = all)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (before[mid] <= rank) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo * 32 + __fns(free_bits[lo], 0, rank - before[lo] + 1);
 }
 
 // grid (B*Hd), kSweepThreads threads. slot_key (B*Hd, T, S). state: sweep_state_bytes(S) per
@@ -76,13 +69,13 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
                                                                     int* __restrict__ slot_key,
                                                                     int* scratch) {
   extern __shared__ int smem[];
-  __shared__ int warp_count[2][kSweepWarps];  // (alternating: see the chunk loop)
+  __shared__ int warp_count[kSweepWarps];
+  __shared__ int slot_of[kSweepThreads];  // the slot of the r-th arrival of a chunk
   const int bh = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int n_words = (S + 31) / 32;
   int* key = scratch ? scratch + (size_t)bh * (sweep_state_bytes(S) / sizeof(int)) : smem;
   int* ev = key + S;  // e_j of the key in each slot
   unsigned* free_bits = reinterpret_cast<unsigned*>(ev + S);
-  int* free_before = reinterpret_cast<int*>(free_bits + n_words);
+  const int n_words = (S + 31) / 32;
   const int* evict_bh = evict + (size_t)bh * d.Lk;
   int* out = slot_key + (size_t)bh * T * S;
 
@@ -95,7 +88,6 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
   };
   int p_last_before = -1;  // p_last of the previous tile
   int e_next = first_arrival(-1, tile_positions(d, 0).p_last);
-  int parity = 0;
   for (int t = 0; t < T; ++t) {
     const TilePositions tp = tile_positions(d, t);
     const int e_first = e_next;
@@ -113,12 +105,9 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
       if (lane == 0 && s / 32 < n_words) free_bits[s / 32] = ballot;
     }
     __syncthreads();  // the bitmap is complete
-    if (warp == 0 && tp.p_last > p_last_before) count_free_before(free_bits, n_words, free_before);
     // 2. Arrivals: the new positions p_last(t-1)+1 .. p_last(t) that are candidates, in chunks
-    //    of one position per thread; the r-th arrival of the tile takes the r-th lowest free
-    //    slot (the bitmap stays as step 1 left it: the chunks before took the lowest ones).
-    int taken = 0;
-    for (int c0 = p_last_before + 1; c0 <= tp.p_last; c0 += kSweepThreads, parity ^= 1) {
+    //    of one position per thread; the r-th arrival takes the r-th lowest free slot.
+    for (int c0 = p_last_before + 1; c0 <= tp.p_last; c0 += kSweepThreads) {
       const int j = c0 + tid;
       int e = -1;
       bool arrives = false;
@@ -127,23 +116,21 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
         arrives = rule::is_candidate(j, e, tp.p_first);
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, arrives);
-      if (lane == 0) warp_count[parity][warp] = __popc(ballot);
-      // Warp counts (and, at the first chunk, free_before) visible. The counts alternate
-      // between two arrays: the ones written here were last read two chunks ago, before the
-      // previous chunk's barrier.
-      __syncthreads();
+      if (lane == 0) warp_count[warp] = __popc(ballot);
+      __syncthreads();  // warp counts visible; slot_of of the previous chunk consumed
       int before = __popc(ballot & ((1u << lane) - 1u)), total = 0;
       #pragma unroll
       for (int w = 0; w < kSweepWarps; ++w) {
-        before += w < warp ? warp_count[parity][w] : 0;
-        total += warp_count[parity][w];
+        before += w < warp ? warp_count[w] : 0;
+        total += warp_count[w];
       }
+      if (warp == 0) take_free_slots(free_bits, n_words, total, slot_of);
+      __syncthreads();  // slot_of written
       if (arrives) {
-        const int s = free_slot(free_bits, free_before, n_words, taken + before);
+        const int s = slot_of[before];
         key[s] = j;
         ev[s] = e;
       }
-      taken += total;
     }
     p_last_before = max(p_last_before, tp.p_last);
     __syncthreads();  // the slots of tile t are final

@@ -105,14 +105,15 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
 
   // Descriptors (sm90.cuh): Q, dO (this warpgroup's 64 rows) and K_j, V_j K-major for S and dP,
   // K_j MN-major for dQ (k runs over the keys: 16 rows = 2048 bytes a step).
+  const uint64_t kmajor0 = descriptor(base, 16, 1024), k_trans0 = descriptor(base + L::k, kBn * 128, 1024);
   auto rows_desc = [&](uint32_t tile, int kk) {
-    return descriptor(base + tile + wg * 64 * 128 + (kk / 4) * (kTileQ * 128) + (kk % 4) * 32, 16, 1024);
+    return moved(moved(kmajor0, tile + wg * 64 * 128), (kk / 4) * (kTileQ * 128) + (kk % 4) * 32);
   };
   auto block_desc = [&](uint32_t tiles, int buf, int kk) {
-    return descriptor(base + tiles + buf * L::tile_bytes + (kk / 4) * (kBn * 128) + (kk % 4) * 32, 16, 1024);
+    return moved(moved(kmajor0, tiles + buf * L::tile_bytes), (kk / 4) * (kBn * 128) + (kk % 4) * 32);
   };
   auto k_trans_desc = [&](int buf, int kk) {
-    return descriptor(base + L::k + buf * L::tile_bytes + kk * 16 * 128, kBn * 128, 1024);
+    return moved(moved(k_trans0, buf * L::tile_bytes), kk * 16 * 128);
   };
 
   const int row_l[2] = {wg * 64 + (warp % 4) * 16 + g, wg * 64 + (warp % 4) * 16 + g + 8};

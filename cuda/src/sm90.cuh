@@ -38,6 +38,12 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t smem_address, uint32_t l
          static_cast<uint64_t>(lbo_bytes >> 4) << 16 | static_cast<uint64_t>(sbo_bytes >> 4) << 32 |
          1ull << 62;
 }
+// desc with its start address moved by `bytes` (a multiple of 16). The start address is the low
+// field, in units of 16 bytes, and no offset inside a block's shared memory (below 256 KB) carries
+// out of its 14 bits: moving a descriptor is one addition, not a new encoding. (Move by the
+// run-time part of an offset and by its constant part separately, so that the compiler keeps
+// the first for every k16 step and adds only constants.)
+__device__ __forceinline__ uint64_t moved(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
 // ---- ordering -----------------------------------------------------------------------------
 // Before a batch of wgmma: registers they read or accumulate into were last written by
