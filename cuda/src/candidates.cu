@@ -80,18 +80,12 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
   int* out = slot_key + (size_t)bh * T * S;
 
   for (int s = tid; s < S; s += kSweepThreads) key[s] = -1;
-  // The e_j of a tile's first arrivals (one position per thread) are loaded a tile ahead, so that
-  // the load's latency is hidden behind a whole tile's work.
-  auto first_arrival = [&](int p_before, int p_last) {
-    const int j = p_before + 1 + tid;
-    return j <= p_last ? __ldg(evict_bh + j) : -1;
-  };
   int p_last_before = -1;  // p_last of the previous tile
-  int e_next = first_arrival(-1, tile_positions(d, 0).p_last);
   for (int t = 0; t < T; ++t) {
     const TilePositions tp = tile_positions(d, t);
-    const int e_first = e_next;
-    if (t + 1 < T) e_next = first_arrival(max(p_last_before, tp.p_last), tile_positions(d, t + 1).p_last);
+    // (the first arrivals' e_j, loaded now so that the load overlaps step 1)
+    const int j_first = p_last_before + 1 + tid;
+    const int e_first = j_first <= tp.p_last ? evict_bh[j_first] : -1;
     // 1. Keys no query from p_first on keeps leave their slot; the free slots become the bitmap
     //    (a warp's ballot over 32 consecutive slots is one word).
     for (int base = 0; base < n_words * 32; base += kSweepThreads) {
@@ -112,7 +106,7 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
       int e = -1;
       bool arrives = false;
       if (j <= tp.p_last) {
-        e = c0 == p_last_before + 1 ? e_first : __ldg(evict_bh + j);
+        e = c0 == p_last_before + 1 ? e_first : evict_bh[j];
         arrives = rule::is_candidate(j, e, tp.p_first);
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, arrives);

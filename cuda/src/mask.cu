@@ -14,10 +14,9 @@
 //           above its own with a binary search in each sorted chunk (10 steps), until the count
 //           would reach w; inside that chunk it walks the 128-chunks the same way, and inside
 //           that 128-chunk it walks the positions. Cost per key: Lk/1024 * 10 + 8 * 7 + 128
-//           steps at most, instead of Lk. The searches of 16 consecutive coarse chunks (of the 8
-//           fine chunks, the loads of 8 consecutive positions) do not depend on each other and
-//           run side by side: a key waits for Lk/16384 * 11 + 8 + 16 rounds of loads, not for
-//           every load in turn.
+//           steps at most, instead of Lk. The searches of kGroup = 8 consecutive chunks (and the
+//           loads of 8 consecutive positions) do not depend on each other and run side by side:
+//           a key waits for Lk/8192 * 11 + 8 + 16 rounds of loads, not for every load in turn.
 //
 // When w >= Lk nothing is ever evicted: every e_j = Lk-1 and pass 1 is skipped. From evict the
 // candidate tables are built next (candidates.cu).
@@ -57,29 +56,25 @@ __global__ void __launch_bounds__(C) sort_chunks_kernel(int Lk, const float* __r
   sorted[((size_t)bh * n_chunks + blockIdx.x) * C + tid] = s[tid];
 }
 
-constexpr int kCoarseGroup = 16;        // coarse chunks searched side by side
-constexpr int kGroup = kBig / kSmall;   // 8: the fine chunks of a coarse one, and positions
+constexpr int kGroup = 8;  // chunks (and positions) examined side by side
 
-// above[g] = the number of entries larger than `key` in chunk c0 + g, for g < G: ascending
+// above[g] = the number of entries larger than `key` in chunk c0 + g, for g < kGroup: ascending
 // arrays of C keys, chunk c at s + c * C (chunks past `last` are read as chunk `last`: the
-// caller ignores them). The G binary searches advance together, one load each per step.
-template <int C, int G>
+// caller ignores them). The kGroup binary searches advance together, one load each per step.
+template <int C>
 __device__ __forceinline__ void count_above(const uint64_t* __restrict__ s, int c0, int last,
-                                            uint64_t key, int (&above)[G]) {
-  const uint64_t* chunk[G];
-  int lo[G];  // first index with chunk[g][index] > key, by binary search
+                                            uint64_t key, int above[kGroup]) {
+  const uint64_t* chunk[kGroup];
+  int lo[kGroup];  // first index with chunk[g][index] > key, by binary search
   #pragma unroll
-  for (int g = 0; g < G; ++g) chunk[g] = s + (size_t)min(c0 + g, last) * C, lo[g] = 0;
+  for (int g = 0; g < kGroup; ++g) chunk[g] = s + (size_t)min(c0 + g, last) * C, lo[g] = 0;
   #pragma unroll
-  for (int step = C / 2; step > 0; step /= 2) {  // lo = min(#entries <= key, C-1)
-    uint64_t x[G];  // (all G loads issued before the first compare)
+  for (int step = C / 2; step > 0; step /= 2)  // lo = min(#entries <= key, C-1)
     #pragma unroll
-    for (int g = 0; g < G; ++g) x[g] = __ldg(chunk[g] + lo[g] + step - 1);
-    #pragma unroll
-    for (int g = 0; g < G; ++g) lo[g] += x[g] <= key ? step : 0;
-  }
+    for (int g = 0; g < kGroup; ++g)
+      if (__ldg(chunk[g] + lo[g] + step - 1) <= key) lo[g] += step;
   #pragma unroll
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < kGroup; ++g) {
     lo[g] += __ldg(chunk[g] + lo[g]) <= key;  // only when lo == C-1: all C entries are <= key
     above[g] = C - lo[g];
   }
@@ -99,14 +94,15 @@ __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
     const uint64_t key = keys_bh[j];
     int need = window;  // keys above j still to meet before j is evicted
     e = Lk - 1;         // unless we meet w of them
+    static_assert(kBig / kSmall == kGroup, "one group of fine chunks spans a coarse chunk");
     const uint64_t* big_bh = sorted_big + (size_t)bh * n_big * kBig;
     const uint64_t* small_bh = sorted_small + (size_t)bh * n_small * kSmall;
     int cb = -1;  // the coarse chunk that holds the w-th key above j
-    for (int c0 = 0; c0 < n_big && cb < 0; c0 += kCoarseGroup) {
-      int above[kCoarseGroup];
+    for (int c0 = 0; c0 < n_big && cb < 0; c0 += kGroup) {
+      int above[kGroup];
       count_above<kBig>(big_bh, c0, n_big - 1, key, above);
       #pragma unroll
-      for (int g = 0; g < kCoarseGroup; ++g) {
+      for (int g = 0; g < kGroup; ++g) {
         if (cb >= 0 || c0 + g >= n_big) continue;
         if (above[g] < need) need -= above[g];
         else cb = c0 + g;
