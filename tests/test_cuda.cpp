@@ -187,7 +187,9 @@ void check_case(const Case& c) {
   pd.v = v_d;
   pd.delta = to_double(r.delta);
   if (c.backward) pd.dout = to_double(p.dout);
-  const dma::Result<double> ref = dma::run_pipeline<double>(pd, dma::Backend::cpu);
+  dma::PipelineHooks keep;
+  keep.keep_ds = c.backward;  // ddelta's terms, for its yardstick below
+  const dma::Result<double> ref = dma::run_pipeline<double>(pd, dma::Backend::cpu, {}, true, keep);
 
   CHECK(r.evict == ref.evict);  // the selection, ties included
   const double err_o = rel_l2(r.fwd.o, ref.fwd.o), err_lse = rel_l2(r.fwd.lse, ref.fwd.lse);
@@ -207,11 +209,28 @@ void check_case(const Case& c) {
   const double e_dq = rel_l2(r.grads.dq, ref.grads.dq), e_dk = rel_l2(r.grads.dk, ref.grads.dk),
                e_dv = rel_l2(r.grads.dv, dv_ref),
                e_dd = rel_l2(r.grads.ddelta, ref.grads.ddelta);
-  INFO("rel L2: dq ", e_dq, " dk ", e_dk, " dv ", e_dv, " ddelta ", e_dd);
+  // ddelta_j sums ds_ij over the queries of its delta head's query heads: judged, key by key,
+  // against the sum of its terms' magnitudes. When the softmax is nearly one-hot (a strongly
+  // peaked delta) the terms cancel to a ddelta far smaller than they are, and their rounding
+  // (bf16 P and dS) is a large part of it: 5.4e-2 rel L2 was seen at D = 256 with o exact to
+  // 4e-8. A missed query or key, or a wrong factor, is O(1) on this yardstick too.
+  std::vector<double> dd_terms(ref.grads.ddelta.size(), 0.0);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t hq = 0; hq < s.Hq; ++hq)
+      for (int64_t i = 0; i < s.Lq; ++i)
+        for (int64_t j = 0; j < s.Lk; ++j)
+          dd_terms[size_t((b * s.Hd + s.delta_head(hq)) * s.Lk + j)] +=
+              std::abs(ref.ds[size_t(((b * s.Hq + hq) * s.Lq + i) * s.Lk + j)]);
+  double e_dd_terms = 0;
+  for (size_t n = 0; n < dd_terms.size(); ++n)
+    e_dd_terms = std::max(e_dd_terms, std::abs(r.grads.ddelta[n] - ref.grads.ddelta[n]) /
+                                          std::max(dd_terms[n], 1e-30));
+  INFO("rel L2: dq ", e_dq, " dk ", e_dk, " dv ", e_dv, " ddelta ", e_dd,
+       "  ddelta err/terms (worst key) ", e_dd_terms);
   CHECK(e_dq <= 2e-2);
   CHECK(e_dk <= 2e-2);
   CHECK(e_dv <= 2e-2);
-  CHECK(e_dd <= 2e-2);
+  CHECK(e_dd_terms <= 1e-2);
 
   // Gradients at masked positions are exactly 0: keys no query keeps get no dk, dv, ddelta.
   // (The total dv also receives dz[b,h,j] * w_dt[h,:] from every delta head h, so it is exactly 0
