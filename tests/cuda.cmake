@@ -11,6 +11,9 @@ add_executable(test_cuda test_main.cpp test_cuda.cpp test_cuda_device_api.cpp te
                          test_cuda_decode.cpp test_cuda_tables.cpp test_cuda_dynamic_weights.cpp
                          test_cuda_large.cpp)
 target_compile_definitions(test_cuda PRIVATE DMA_TEST_NEEDS_CUDA=1)
+if(TARGET dma_cuda_sm90)  # the library has the wgmma kernels (cuda/CMakeLists.txt)
+  target_compile_definitions(test_cuda PRIVATE DMA_TEST_HAVE_SM90=1)
+endif()
 target_compile_options(test_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
 target_link_libraries(test_cuda PRIVATE dma_cuda dma_core doctest::doctest CUDA::cudart_static)
 add_test(NAME cuda_tests COMMAND test_cuda)

@@ -376,7 +376,7 @@ TEST_SUITE("cuda") {
 
   TEST_CASE("cuda forward kernels: the mma.sync rung and the wgmma kernel both match") {
     for (const char* kernel : {"sm80", "sm90"}) {
-      if (std::string(kernel) == "sm90" && !dma_test::device_is_hopper()) continue;
+      if (std::string(kernel) == "sm90" && !dma_test::sm90_kernels_run()) continue;
       const dma_test::ScopedEnv env("DMA_CUDA_FORWARD", kernel);
       for (const Case& c : kKernelCases) {
         SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }
@@ -394,7 +394,7 @@ TEST_SUITE("cuda") {
         {1, 4, 2, 4, 2100, 2100, 128, 4000, true, Form::exp, Precision::fp16},  // dense, Hd > Hkv
     };
     for (const char* kernel : {"sm80", "sm90"}) {
-      if (std::string(kernel) == "sm90" && !dma_test::device_is_hopper()) continue;
+      if (std::string(kernel) == "sm90" && !dma_test::sm90_kernels_run()) continue;
       const dma_test::ScopedEnv env("DMA_CUDA_BACKWARD", kernel);
       for (const Case& c : kKernelCases) {
         SUBCASE((std::string(kernel) + " " + c.name()).c_str()) { check_case(c); }

@@ -34,13 +34,19 @@ struct ScopedEnv {
   ScopedEnv& operator=(const ScopedEnv&) = delete;
 };
 
-// The current device has compute capability 9.0 (H100, H200): the wgmma kernels run there.
-inline bool device_is_hopper() {
+// The wgmma kernels run here: the library was built with them (nvcc 12 or newer; without it
+// it has the mma.sync kernels only) and the current device has compute capability 9.0 (H100,
+// H200).
+inline bool sm90_kernels_run() {
+#if defined(DMA_TEST_HAVE_SM90)
   int dev = 0, major = 0, minor = 0;
   REQUIRE(cudaGetDevice(&dev) == cudaSuccess);
   REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess);
   REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess);
   return major == 9 && minor == 0;
+#else
+  return false;
+#endif
 }
 
 // One cudaMalloc, freed on scope exit.
