@@ -7,8 +7,8 @@
 // the gradients are split in two passes over the candidate tables (tables.cuh):
 //
 //   dq_kernel    query-major, the forward's walk: one block per query tile (half a tile at
-//                D = 256, as the forward), its list kBk keys at a time; dQ += dS K in registers,
-//                dq = scale * dQ written at the end.
+//                D = 256), its list kBk keys at a time; dQ += dS K in registers, dq = scale * dQ
+//                written at the end.
 //   dkdv_kernel  key-major by slots: one block per 64 slots of a (b, delta head) sweeps the query
 //                tiles in order. A key keeps its slot for the whole run of tiles that keeps it
 //                (docs/design.md §2), so its K, V rows stay in shared memory and its dK, dV and
@@ -503,8 +503,10 @@ void launch_dkdv(const Dims& d, const AttnArgs& a, cudaStream_t st) {
 // dk, dv (or dk_part, dv_part) and ddelta must be zeroed; writes dsum (scratch, B*Hq*Lq) and dq.
 void launch_backward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   dispatch_elem(d.precision, [&](auto elem) { launch_dsum<decltype(elem)>(d, a, st); });
+  // (a bad DMA_CUDA_BACKWARD throws here, whether or not the library has the wgmma kernels)
+  [[maybe_unused]] const char* family = backward_kernel_name(d.D);
 #if defined(DMA_HAVE_SM90)
-  if (std::strcmp(backward_kernel_name(d.D), "sm90") == 0) {
+  if (std::strcmp(family, "sm90") == 0) {
     launch_dq_sm90(d, a, st);  // dq_sm90.cu
     launch_dkdv_sm90(d, a, st);  // backward_sm90.cu
   } else

@@ -2,8 +2,7 @@
 // each query tile (the list of the candidate tables, tables.cuh), with the element mask
 // j <= p_i <= e_j evaluated in registers where the list says it is needed.
 //
-// One block = one query tile of kTileQ = 128 queries of one (b, query head), 16 per warp; at
-// D = 256 (where 128 rows of Q and four K/V buffers would not fit in shared memory) half a tile.
+// One block = one query tile of kTileQ = 128 queries of one (b, query head), 16 per warp.
 // Per tile of kBk = 64 listed keys (the FlashAttention-2 loop, paper notation Q_i, K_j, V_j, m, l):
 //   S   = Q K_j^T                    mma.sync m16n8k16, fp32 accumulators   (16 x 64 per warp)
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept (in registers)
@@ -19,19 +18,17 @@
 namespace dma::cuda::detail {
 namespace {
 
-// Queries per block, and the threads of its warps (16 queries each).
-template <int D> constexpr int kBlockQ = D > 128 ? kTileQ / 2 : kTileQ;
-template <int D> constexpr int kForwardThreads = 32 * kBlockQ<D> / 16;
+constexpr int kWarps = kTileQ / 16, kThreads = 32 * kWarps;
 
 template <int D>
 constexpr size_t forward_smem_bytes() {
-  return sizeof(uint16_t) * (kBlockQ<D> + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile);
+  return sizeof(uint16_t) * (kTileQ + 4 * kBk) * (D + 8) + 2 * sizeof(KeyTile);
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kForwardThreads<D>) forward_kernel(Dims d, AttnArgs a) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   constexpr int kStride = D + 8;  // +16 bytes per row: ldmatrix rows land in distinct banks
-  constexpr int kBq = kBlockQ<D>, kParts = kTileQ / kBq, kThreads = kForwardThreads<D>;
+  constexpr int kBq = kTileQ;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Qs = reinterpret_cast<T*>(smem);  // [kBq][D+8]
   T* Ks = Qs + kBq * kStride;          // 2 x [kBk][D+8]  gathered K_j (double buffer)
@@ -40,13 +37,11 @@ __global__ void __launch_bounds__(kForwardThreads<D>) forward_kernel(Dims d, Att
   KeyTile* kts = reinterpret_cast<KeyTile*>(Vs + 2 * kBuf);  // 2 x: keys, e_j, delta_j of K_j
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int part = gridDim.x - 1 - blockIdx.x;   // causal: the longest tiles start first
-  const int q_tile = part / kParts;                // (the block's rows are a part of the tile)
+  const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
   const int hq = blockIdx.y, b = blockIdx.z;
   const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
-  const int i0 = q_tile * kTileQ + (part % kParts) * kBq;
+  const int i0 = q_tile * kBq;
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
-  if (kParts > 1 && i0 >= d.Lq) return;  // the second half of a short last tile (block-uniform)
   const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
 
   // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
@@ -230,16 +225,18 @@ void launch(const Dims& d, const AttnArgs& a, cudaStream_t st) {
   constexpr size_t smem = forward_smem_bytes<D>();
   DMA_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<T, D>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const dim3 grid(table_tiles(d) * (kTileQ / kBlockQ<D>), d.Hq, d.B);
-  forward_kernel<T, D><<<grid, kForwardThreads<D>, smem, st>>>(d, a);
+  const dim3 grid(table_tiles(d), d.Hq, d.B);
+  forward_kernel<T, D><<<grid, kThreads, smem, st>>>(d, a);
   DMA_CUDA_CHECK_LAUNCH(forward_kernel);
 }
 
 }  // namespace
 
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st) {
+  // (a bad DMA_CUDA_FORWARD throws here, whether or not the library has the wgmma kernels)
+  [[maybe_unused]] const char* family = forward_kernel_name(d.D);
 #if defined(DMA_HAVE_SM90)
-  if (std::strcmp(forward_kernel_name(d.D), "sm90") == 0) return launch_forward_sm90(d, a, st);
+  if (std::strcmp(family, "sm90") == 0) return launch_forward_sm90(d, a, st);
 #endif
   dispatch<32, 64, 128, 256>(d.precision, d.D, [&](auto elem, auto head_dim) {
     launch<decltype(elem), decltype(head_dim)::value>(d, a, st);

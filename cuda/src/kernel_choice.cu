@@ -45,8 +45,8 @@ const char* kernel_family(const char* variable, int D) {
   const bool have_sm90 = false;
 #endif
   if (want_sm90 && !sm90_head_dim(D))
-    throw dma::Error(std::string("cuda: ") + variable + "=sm90: the wgmma kernels take head dims 64 and 128, not " +
-                     std::to_string(D));
+    throw dma::Error(std::string("cuda: ") + variable +
+                     "=sm90: the wgmma kernels take head dims 64 and 128, not " + std::to_string(D));
   if (want_sm90 && !have_sm90)
     throw dma::Error(std::string("cuda: ") + variable +
                      "=sm90 needs a compute capability 9.0 device and a library built with sm_90a");

@@ -74,8 +74,9 @@ struct AttnArgs {
 };
 // Picks the kernel: on a compute capability 9.0 device (H100, H200) the wgmma kernel of
 // forward_sm90.cu when the library was built with it (DMA_HAVE_SM90) and D is 64 or 128, else
-// the mma.sync kernel of forward.cu (D = 32, 64, 128, 256). DMA_CUDA_FORWARD=sm80 in the environment forces the mma.sync kernel (the
-// ladder's lower rung, for comparisons); =sm90 requires the wgmma kernel.
+// the mma.sync kernel of forward.cu (D = 32, 64, 128, 256). DMA_CUDA_FORWARD=sm80 in the
+// environment forces the mma.sync kernel (the ladder's lower rung, for comparisons); =sm90
+// requires the wgmma kernel.
 void launch_forward(const Dims& d, const AttnArgs& a, cudaStream_t st);
 void launch_forward_sm90(const Dims& d, const AttnArgs& a, cudaStream_t st);
 

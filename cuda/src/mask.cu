@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
       }
       // ... and over the positions of that fine chunk, kGroup at a time, in order. (The chunk
       // holds the key sought, so the walk ends inside it and inside 0 .. Lk-1.)
-      for (int m0 = cs * kSmall; e == Lk - 1; m0 += kGroup) {
+      for (int m0 = max(cs, 0) * kSmall; e == Lk - 1 && m0 < Lk; m0 += kGroup) {
         uint64_t k8[kGroup];
         #pragma unroll
         for (int g = 0; g < kGroup; ++g) k8[g] = __ldg(keys_bh + min(m0 + g, Lk - 1));
