@@ -277,9 +277,7 @@ __global__ void __launch_bounds__(kKThreads) dkdv_kernel(Dims d, AttnArgs a) {
   auto flush = [&](const int next[2]) {
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = dd[r];  // ddelta: the quad's 4 partial row sums
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(dd[r]);  // ddelta: the quad's 4 partial row sums
       const int j = key_s[slot_l[r]];
       if (next[r] == j) continue;
       if (j >= 0) {

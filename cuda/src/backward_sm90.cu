@@ -256,9 +256,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   auto flush = [&](const int next[2]) {
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = dd[r];  // ddelta: the quad's 4 partial row sums
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(dd[r]);  // ddelta: the quad's 4 partial row sums
       const int j = key[r];
       const bool leaves = next[r] != j;  // (the same for the 4 threads of a quad)
       if (leaves && j >= 0) {

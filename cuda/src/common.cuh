@@ -143,6 +143,17 @@ __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The sum and the maximum over the 4 threads of a quad (lanes 4g .. 4g+3): in the mma.sync and
+// wgmma accumulator layouts they hold one row between them.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
 // 2^x on the special-function unit (ex2.approx.ftz: relative error ~2^-22, results below 2^-126
 // flush to 0). Used for the softmax probabilities, which are in [0, 1] and rounded to bf16/fp16
 // before the next product anyway; exp2f would add range handling that these values never need.

@@ -155,9 +155,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
     }
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      // the 4 threads of a quad hold one row between them
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 1));
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffffu, row_max[r], 2));
+      row_max[r] = quad_max(row_max[r]);
       const float m_new = fmaxf(m_row[r], row_max[r]);
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // row with nothing kept yet
       const float alpha = exp2f(m_row[r] - m_use);            // 0 when m_row was -inf
@@ -204,9 +202,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   // 5. o = O / l, lse = ln2 * (m + log2 l). Every query keeps >= 1 key, so l > 0 for real rows.
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float l = l_row[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = quad_sum(l_row[r]);
     if (row[r] >= d.Lq) continue;
     const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
     float* o_row = a.o + ((size_t)(b * d.Hq + hq) * d.Lq + row[r]) * D;
