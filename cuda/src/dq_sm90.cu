@@ -50,22 +50,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   const int wg = warp / 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
   const int hq = blockIdx.y, b = blockIdx.z;
-  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kTileQ;
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
-  const int p_first = position(i0), p_last = position(min(i0 + kTileQ, d.Lq) - 1);
-
-  const size_t bhq = (size_t)(b * d.Hq + hq), bhk = (size_t)(b * d.Hkv + hk);
-  const T* q_bh = static_cast<const T*>(a.q) + bhq * d.Lq * D;
-  const T* do_bh = static_cast<const T*>(a.dout) + bhq * d.Lq * D;
-  const T* k_bh = static_cast<const T*>(a.k) + bhk * d.Lk * D;
-  const T* v_bh = static_cast<const T*>(a.v) + bhk * d.Lk * D;
-  const int bhd = b * d.Hd + hd;
-  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
-  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
-  const TableView tv(d, a.tables, bhd);
-  const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
-  const int n_tiles = max(1, (n_alive + kBn - 1) / kBn);  // (an empty list: dq = 0)
+  const QueryBlock<T, D> qb(d, a, q_tile, hq, b, i0, kTileQ);
+  const T* do_bh = static_cast<const T*>(a.dout) + qb.bhq * d.Lq * D;  // (B,Hq,Lq,D) at (b, hq)
+  const int n_tiles = max(1, (qb.n_alive + kBn - 1) / kBn);  // (an empty list: dq = 0)
 
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::bars);  // block c is in buffer c % kStages
   uint64_t* empty = full + kStages;                               // buffer c % kStages is free
@@ -82,13 +71,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     // over once its copies (and, with block 0, those of Q and dO) have landed.
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - kConsumers;
-    produce_rows<T, D, kTileQ>(smem + L::rows(kQ), q_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::rows(kQ), qb.q, i0, d.Lq, pt);
     produce_rows<T, D, kTileQ>(smem + L::rows(kDout), do_bh, i0, d.Lq, pt);
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
       produce_tile<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                              k_bh, v_bh, evict_bh, delta_bh, tv, q_tile, c * kBn, n_alive, pt);
+                              qb.k, qb.v, qb.evict, qb.delta, qb.tv, q_tile, c * kBn, qb.n_alive, pt);
       cp_async_commit();
       if (c > 0) {
         cp_async_wait<1>();
@@ -124,8 +113,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   float lse2[2], dsum[2];
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse2[r] = row[r] < d.Lq ? a.lse[bhq * d.Lq + row[r]] * kLog2e : INFINITY;
-    dsum[r] = row[r] < d.Lq ? a.dsum[bhq * d.Lq + row[r]] : 0.0f;
+    lse2[r] = row[r] < d.Lq ? a.lse[qb.bhq * d.Lq + row[r]] * kLog2e : INFINITY;
+    dsum[r] = row[r] < d.Lq ? a.dsum[qb.bhq * d.Lq + row[r]] : 0.0f;
   }
   const float scale2 = d.scale * kLog2e;
 
@@ -154,8 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // column 8n + 2t4 + e), as backward.cu's dq_kernel.
   auto compute_ds = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];
-    const int r0 = c * kBn, nt = min(kBn, n_alive - r0);
-    if (r0 + kBn <= n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {  // no element mask
+    const int r0 = c * kBn, nt = min(kBn, qb.n_alive - r0);
+    if (r0 + kBn <= qb.n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {  // no element mask
       #pragma unroll
       for (int n = 0; n < kBn / 8; ++n) {
         const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
@@ -229,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= d.Lq) continue;
-    float* dq_row = a.dq + (bhq * d.Lq + row[r]) * D;
+    float* dq_row = a.dq + (qb.bhq * d.Lq + row[r]) * D;
     #pragma unroll
     for (int n = 0; n < D / 8; ++n)
       *reinterpret_cast<float2*>(dq_row + n * 8 + t4 * 2) =

@@ -39,27 +39,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
   const int hq = blockIdx.y, b = blockIdx.z;
-  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kBq;
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
-  const int p_first = position(i0), p_last = position(min(i0 + kBq, d.Lq) - 1);
-
-  // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
-  const T* q_bh = static_cast<const T*>(a.q) + (size_t)(b * d.Hq + hq) * d.Lq * D;
-  const T* k_bh = static_cast<const T*>(a.k) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
-  const T* v_bh = static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
-  const int bhd = b * d.Hd + hd;
-  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
-  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
-  const TableView tv(d, a.tables, bhd);
-  const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
+  const QueryBlock<T, D> qb(d, a, q_tile, hq, b, i0, kBq);
 
   // 1. Q_i and the first K_j, V_j. Tiles are double-buffered: while tile c is computed from
   //    buffer c%2, the copies of tile c+1 fill the other buffer.
-  load_rows<T, D, kBq, kThreads>(Qs, q_bh, i0, d.Lq);
-  load_key_tile(kts[0], tv, q_tile, 0, n_alive, evict_bh, delta_bh);
-  gather_rows<T, D, kThreads>(Ks, k_bh, tv, q_tile, 0, n_alive);
-  gather_rows<T, D, kThreads>(Vs, v_bh, tv, q_tile, 0, n_alive);
+  load_rows<T, D, kBq, kThreads>(Qs, qb.q, i0, d.Lq);
+  load_key_tile(kts[0], qb.tv, q_tile, 0, qb.n_alive, qb.evict, qb.delta);
+  gather_rows<T, D, kThreads>(Ks, qb.k, qb.tv, q_tile, 0, qb.n_alive);
+  gather_rows<T, D, kThreads>(Vs, qb.v, qb.tv, q_tile, 0, qb.n_alive);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();  // Q_i, K_0 and V_0 are in shared memory for every warp
@@ -86,14 +75,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
   const int warp_p_first = position(i0 + warp * 16), warp_p_last = position(i0 + warp * 16 + 15);
   const float scale2 = d.scale * kLog2e;
 
-  for (int r0 = 0, buf = 0; r0 < n_alive; r0 += kBk, buf ^= 1) {
+  for (int r0 = 0, buf = 0; r0 < qb.n_alive; r0 += kBk, buf ^= 1) {
     // Next tile: its copies go to the other buffers, which tile c-1 used: the barrier at the end
     // of the previous iteration means every warp is done with it.
-    const int nt = min(kBk, n_alive - r0), r_next = r0 + kBk;
-    if (r_next < n_alive) {
-      load_key_tile(kts[buf ^ 1], tv, q_tile, r_next, n_alive, evict_bh, delta_bh);
-      gather_rows<T, D, kThreads>(Ks + (buf ^ 1) * kBuf, k_bh, tv, q_tile, r_next, n_alive);
-      gather_rows<T, D, kThreads>(Vs + (buf ^ 1) * kBuf, v_bh, tv, q_tile, r_next, n_alive);
+    const int nt = min(kBk, qb.n_alive - r0), r_next = r0 + kBk;
+    if (r_next < qb.n_alive) {
+      load_key_tile(kts[buf ^ 1], qb.tv, q_tile, r_next, qb.n_alive, qb.evict, qb.delta);
+      gather_rows<T, D, kThreads>(Ks + (buf ^ 1) * kBuf, qb.k, qb.tv, q_tile, r_next, qb.n_alive);
+      gather_rows<T, D, kThreads>(Vs + (buf ^ 1) * kBuf, qb.v, qb.tv, q_tile, r_next, qb.n_alive);
     }
     cp_async_commit();   // (an empty group when there is no next tile)
     cp_async_wait<1>();  // tile c has landed (tile c+1 may still be in flight)
@@ -122,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Dims d, AttnArgs a) {
     //    every query of the tile), and tiles every key of which this warp's 16 rows keep, skip
     //    the per-element test.
     float row_max[2] = {-INFINITY, -INFINITY};
-    if (r0 + kBk <= n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
+    if (r0 + kBk <= qb.n_full || key_tile_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
       for (int n = 0; n < kBk / 8; ++n) {
         // columns 2*t4, 2*t4+1 are adjacent: one 8-byte load brings both deltas

@@ -65,24 +65,13 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   const int wg = warp / 4;
   const int q_tile = gridDim.x - 1 - blockIdx.x;  // causal: the longest tiles start first
   const int hq = blockIdx.y, b = blockIdx.z;
-  const int hk = hq / (d.Hq / d.Hkv), hd = hq / (d.Hq / d.Hd);
   const int i0 = q_tile * kTileQ;
   auto position = [&](int i) { return rule::query_position(d.Lq, d.Lk, d.causal, i); };  // p_i
-  const int p_first = position(i0), p_last = position(min(i0 + kTileQ, d.Lq) - 1);
-
-  // q is (B,Hq,Lq,D), k and v (B,Hkv,Lk,D), delta and evict (B,Hd,Lk)
-  const T* q_bh = static_cast<const T*>(a.q) + (size_t)(b * d.Hq + hq) * d.Lq * D;
-  const T* k_bh = static_cast<const T*>(a.k) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
-  const T* v_bh = static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D;
-  const int bhd = b * d.Hd + hd;
-  const int* evict_bh = a.evict + (size_t)bhd * d.Lk;
-  const float* delta_bh = a.delta + (size_t)bhd * d.Lk;
-  const TableView tv(d, a.tables, bhd);
-  const int n_alive = tv.alive(q_tile, p_last), n_full = tv.full(q_tile, p_first);
+  const QueryBlock<T, D> qb(d, a, q_tile, hq, b, i0, kTileQ);
 
   // At least one tile: for an empty list (never made by the mask: every query keeps a key) the
   // consumers write o = 0 and lse = -inf, as forward.cu does.
-  const int n_tiles = max(1, (n_alive + kBn - 1) / kBn);
+  const int n_tiles = max(1, (qb.n_alive + kBn - 1) / kBn);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::bars);  // tile c is in buffer c % kStages
   uint64_t* empty = full + kStages;                               // buffer c % kStages is free
   if (tid == 0) {
@@ -100,12 +89,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     // releases them).
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - 32 * kConsumerWarps;
-    produce_rows<T, D, kTileQ>(smem + L::rows(0), q_bh, i0, d.Lq, pt);
+    produce_rows<T, D, kTileQ>(smem + L::rows(0), qb.q, i0, d.Lq, pt);
     for (int c = 0; c < n_tiles; ++c) {
       const int st = c % kStages;
       if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
       produce_tile<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                         k_bh, v_bh, evict_bh, delta_bh, tv, q_tile, c * kBn, n_alive, pt);
+                         qb.k, qb.v, qb.evict, qb.delta, qb.tv, q_tile, c * kBn, qb.n_alive, pt);
       cp_async_commit();
       if (c > 0) {
         cp_async_wait<1>();  // tile c-1 (and Q) landed
@@ -156,9 +145,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // forward.cu (s[4n + e] is forward.cu's s[n][e]); alpha = 2^(m - m') for the rescale of O.
   auto softmax = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];
-    const int r0 = c * kBn, nt = min(kBn, n_alive - r0);
+    const int r0 = c * kBn, nt = min(kBn, qb.n_alive - r0);
     float row_max[2] = {-INFINITY, -INFINITY};
-    if (r0 + kBn <= n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {
+    if (r0 + kBn <= qb.n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
       for (int n = 0; n < kBn / 8; ++n) {
         const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);

@@ -47,6 +47,39 @@ struct TableView {
   }
 };
 
+// What a block of the query-major kernels (the forward and the dq pass, mma.sync and wgmma)
+// works on: rows i0 .. i0 + rows - 1 of query tile q_tile (cut at Lq) of query head hq in batch
+// b, its kv head and delta head, the positions of its first and last row, the rows of q of
+// (b, hq) and of k and v of (b, hk), the e_j and delta_j of (b, hd), and its candidate list.
+template <typename T, int D>
+struct QueryBlock {
+  int hk, hd;
+  int p_first, p_last;
+  size_t bhq;                // (b, hq): row bhq * Lq + i of q, do, o, dq, lse and D_i is query i
+  const T *q, *k, *v;        // q (B,Hq,Lq,D) at (b, hq); k, v (B,Hkv,Lk,D) at (b, hk)
+  int bhd;
+  const int* evict;          // (B,Hd,Lk) at (b, hd)
+  const float* delta;
+  TableView tv;
+  int n_alive, n_full;       // the list's length, and its head kept by every query of the tile
+
+  __device__ QueryBlock(const Dims& d, const AttnArgs& a, int q_tile, int hq, int b, int i0, int rows)
+      : hk(hq / (d.Hq / d.Hkv)),
+        hd(hq / (d.Hq / d.Hd)),
+        p_first(rule::query_position(d.Lq, d.Lk, d.causal, i0)),
+        p_last(rule::query_position(d.Lq, d.Lk, d.causal, min(i0 + rows, d.Lq) - 1)),
+        bhq((size_t)(b * d.Hq + hq)),
+        q(static_cast<const T*>(a.q) + bhq * d.Lq * D),
+        k(static_cast<const T*>(a.k) + (size_t)(b * d.Hkv + hk) * d.Lk * D),
+        v(static_cast<const T*>(a.v) + (size_t)(b * d.Hkv + hk) * d.Lk * D),
+        bhd(b * d.Hd + hd),
+        evict(a.evict + (size_t)bhd * d.Lk),
+        delta(a.delta + (size_t)bhd * d.Lk),
+        tv(d, a.tables, bhd),
+        n_alive(tv.alive(q_tile, p_last)),
+        n_full(tv.full(q_tile, p_first)) {}
+};
+
 // Gathers the rows of src (rows of D elements) named by candidates r0 .. r0+kBk of tile t into
 // dst [kBk][D+8] with 16-byte asynchronous copies; rows past n_alive are zero-filled. The caller
 // commits and waits.
