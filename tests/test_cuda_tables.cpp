@@ -53,7 +53,8 @@ TEST_SUITE("cuda") {
         {1, 1, 900, 900, 200, true, -1},    // decreasing: the first w keys for ever
         {1, 2, 600, 700, 640, true, 0},     // w + Bq > Lk: S = Lk
         {2, 1, 300, 800, 50, false, 0},     // non-causal: one candidate set for every tile
-        {1, 1, 256, 30000, 20000, true, 0}, // a slot state too large for shared memory
+        {1, 1, 256, 30000, 20000, true, 0}, // 20128 slots: 629 words per bitmap
+        {1, 1, 300, 120000, 115000, true, 0},  // 115128 slots: the bitmaps in global memory
     };
     int n = 0;
     for (const TableCase& tc : cases) {

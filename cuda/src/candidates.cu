@@ -3,10 +3,13 @@
 //
 //   slot_sweep_kernel  one block per (b, delta head) sweeps the query tiles in order, as the
 //                      definition does: keys whose interval ended leave their slot, the arriving
-//                      keys (in increasing j) take the lowest free slots, and the slot row of the
-//                      tile is written out. The slots live in shared memory (in global scratch
-//                      when w is too large for it); a bitmap of the free slots lets one warp hand
-//                      out the lowest ones. Per tile O(S / threads + arrivals) work, 3 barriers.
+//                      keys (in increasing j) take the lowest free slots. It records only each
+//                      key's slot; a bitmap of the free slots lets one warp hand out the lowest
+//                      ones, and a key that takes a slot marks it in the bitmap of the tile where
+//                      it will leave, so that no tile scans the S slots. Per tile: one bit-or and
+//                      one scan per 32 x 32 slots, the arrivals' work, 2 barriers.
+//   slot_rows_kernel   one thread per key, in parallel: writes the key into its slot's column of
+//                      the slot rows of the tiles where it lives (the rest was set to -1).
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
 //                      into the list, first the keys every query of the tile keeps (no element
 //                      mask needed), then the others, each group in slot order.
@@ -23,9 +26,13 @@ constexpr int kSweepThreads = 512;
 constexpr int kSweepWarps = kSweepThreads / 32;
 constexpr int kListThreads = 256;
 constexpr int kListWarps = kListThreads / 32;
-// Slot state per (b, delta head): key and e_j per slot, one bit per slot for "free".
-__host__ __device__ size_t sweep_state_bytes(int S) { return sizeof(int) * (2 * (size_t)S + (S + 31) / 32); }
-constexpr size_t kSweepSmemLimit = 160 * 1024;  // beyond this the state goes to global scratch
+// The sweep's bitmaps per (b, delta head), one bit per slot: the free slots, and the slots that
+// become free at the next tile (two, by tile parity). In shared memory up to kSweepSmemLimit
+// bytes (S up to 109226 slots: with the static arrays, within the 48 KB a block has without
+// opting in), else in the global scratch.
+__host__ __device__ int bitmap_words(int S) { return (S + 31) / 32; }
+__host__ __device__ size_t sweep_state_bytes(int S) { return 3 * sizeof(unsigned) * (size_t)bitmap_words(S); }
+constexpr size_t kSweepSmemLimit = 40 * 1024;
 
 struct TilePositions {
   int p_first, p_last;
@@ -36,8 +43,31 @@ __device__ __forceinline__ TilePositions tile_positions(const Dims& d, int t) {
           rule::query_position(d.Lq, d.Lk, d.causal, i_last)};
 }
 
+// The tile where key j arrives: the first with p_last >= j (j <= p_last of the last tile).
+__device__ int arrival_tile(const Dims& d, int T, int j) {
+  int lo = 0, hi = T - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_positions(d, mid).p_last >= j) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+// The tile where a key with e_j = e that lives at tile t0 leaves its slot: the first t > t0 whose
+// first query no longer keeps it (p_first > e), or T if none.
+__device__ int departure_tile(const Dims& d, int T, int t0, int e) {
+  int lo = t0 + 1, hi = T;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_positions(d, mid).p_first > e) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
 // Warp 0 only: takes the `count` lowest free slots of the bitmap (clearing their bits) and
-// writes them, in increasing order, to slot_of[0 .. count).
+// writes them, in increasing order, to slot_of[0 .. count). Lane l reads and writes only the
+// words l, l + 32, ...
 __device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int* slot_of) {
   const int lane = threadIdx.x % 32;
   int taken = 0;
@@ -62,75 +92,101 @@ __device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int
   }
 }
 
-// grid (B*Hd), kSweepThreads threads. slot_key (B*Hd, T, S). state: sweep_state_bytes(S) per
-// (b, delta head) in dynamic shared memory, or in global scratch when `scratch` is not null.
+// grid (B*Hd), kSweepThreads threads. Writes slot_of_key (B*Hd, Lk): the slot key j takes, -1
+// if it never takes one (keys past the last tile's positions are not written). leave_bits
+// (B*Hd, T, bitmap_words(S)), zero on entry: the slots that become free at tile t. The
+// bitmaps (sweep_state_bytes(S) per (b, delta head)) are in dynamic shared memory, or in global
+// scratch when `state` is not null.
 __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T, int S,
                                                                     const int* __restrict__ evict,
-                                                                    int* __restrict__ slot_key,
-                                                                    int* scratch) {
-  extern __shared__ int smem[];
+                                                                    int* __restrict__ slot_of_key,
+                                                                    unsigned* leave_bits,
+                                                                    unsigned* state) {
+  extern __shared__ unsigned smem_bits[];
   __shared__ int warp_count[kSweepWarps];
   __shared__ int slot_of[kSweepThreads];  // the slot of the r-th arrival of a chunk
   const int bh = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  int* key = scratch ? scratch + (size_t)bh * (sweep_state_bytes(S) / sizeof(int)) : smem;
-  int* ev = key + S;  // e_j of the key in each slot
-  unsigned* free_bits = reinterpret_cast<unsigned*>(ev + S);
-  const int n_words = (S + 31) / 32;
+  const int n_words = bitmap_words(S);
+  unsigned* free_bits = state ? state + (size_t)bh * 3 * n_words : smem_bits;
+  auto frees_at = [&](int t) { return free_bits + (1 + t % 2) * n_words; };  // by tile parity
+  unsigned* leave_bh = leave_bits + (size_t)bh * T * n_words;
   const int* evict_bh = evict + (size_t)bh * d.Lk;
-  int* out = slot_key + (size_t)bh * T * S;
+  int* slot_bh = slot_of_key + (size_t)bh * d.Lk;
 
-  for (int s = tid; s < S; s += kSweepThreads) key[s] = -1;
+  for (int w = tid; w < n_words; w += kSweepThreads) {
+    const int valid = min(32, S - 32 * w);  // slots of this word
+    free_bits[w] = valid == 32 ? ~0u : (1u << valid) - 1u;
+    frees_at(0)[w] = frees_at(1)[w] = 0u;
+  }
   int p_last_before = -1;  // p_last of the previous tile
+  int e_first = tile_positions(d, 0).p_last >= tid ? __ldg(evict_bh + tid) : -1;
+  __syncthreads();  // the bitmaps are set
   for (int t = 0; t < T; ++t) {
     const TilePositions tp = tile_positions(d, t);
-    // (the first arrivals' e_j, loaded now so that the load overlaps step 1)
-    const int j_first = p_last_before + 1 + tid;
-    const int e_first = j_first <= tp.p_last ? evict_bh[j_first] : -1;
-    // 1. Keys no query from p_first on keeps leave their slot; the free slots become the bitmap
-    //    (a warp's ballot over 32 consecutive slots is one word).
-    for (int base = 0; base < n_words * 32; base += kSweepThreads) {
-      const int s = base + tid;
-      bool is_free = false;
-      if (s < S) {
-        if (key[s] >= 0 && ev[s] < tp.p_first) key[s] = -1;
-        is_free = key[s] < 0;
-      }
-      const unsigned ballot = __ballot_sync(0xffffffffu, is_free);
-      if (lane == 0 && s / 32 < n_words) free_bits[s / 32] = ballot;
-    }
-    __syncthreads();  // the bitmap is complete
-    // 2. Arrivals: the new positions p_last(t-1)+1 .. p_last(t) that are candidates, in chunks
-    //    of one position per thread; the r-th arrival takes the r-th lowest free slot.
-    for (int c0 = p_last_before + 1; c0 <= tp.p_last; c0 += kSweepThreads) {
+    // The arrivals: the new positions p_last(t-1)+1 .. p_last(t) that are candidates, in chunks
+    // of one position per thread (at least one chunk, so that every tile frees its slots); the
+    // r-th arrival takes the r-th lowest free slot.
+    bool first_chunk = true;
+    for (int c0 = p_last_before + 1; first_chunk || c0 <= tp.p_last; c0 += kSweepThreads) {
       const int j = c0 + tid;
-      int e = -1;
-      bool arrives = false;
-      if (j <= tp.p_last) {
-        e = c0 == p_last_before + 1 ? e_first : evict_bh[j];
-        arrives = rule::is_candidate(j, e, tp.p_first);
-      }
+      const bool in_tile = j <= tp.p_last;
+      const int e = !in_tile ? -1 : first_chunk ? e_first : __ldg(evict_bh + j);
+      const bool arrives = in_tile && rule::is_candidate(j, e, tp.p_first);
       const unsigned ballot = __ballot_sync(0xffffffffu, arrives);
       if (lane == 0) warp_count[warp] = __popc(ballot);
-      __syncthreads();  // warp counts visible; slot_of of the previous chunk consumed
+      __syncthreads();  // warp counts visible; the last chunk's slot_of consumed; the frees of
+                        // tile t all in frees_at(t)
       int before = __popc(ballot & ((1u << lane) - 1u)), total = 0;
       #pragma unroll
       for (int w = 0; w < kSweepWarps; ++w) {
         before += w < warp ? warp_count[w] : 0;
         total += warp_count[w];
       }
-      if (warp == 0) take_free_slots(free_bits, n_words, total, slot_of);
-      __syncthreads();  // slot_of written
-      if (arrives) {
-        const int s = slot_of[before];
-        key[s] = j;
-        ev[s] = e;
+      if (first_chunk && t + 1 < T) {
+        // Ahead, for tile t+1: the e_j of its first positions, and (warp 1) the slots that
+        // keys which arrived before tile t free there. Keys arriving at tile t that leave at
+        // t+1 add theirs below.
+        const int jn = max(p_last_before, tp.p_last) + 1 + tid;
+        e_first = jn <= tile_positions(d, t + 1).p_last ? __ldg(evict_bh + jn) : -1;
+        if (warp == 1)
+          for (int w = lane; w < n_words; w += 32) {
+            const unsigned bits = __ldcg(leave_bh + (size_t)(t + 1) * n_words + w);
+            if (bits != 0u) atomicOr(frees_at(t + 1) + w, bits);
+          }
       }
+      if (warp == 0) {
+        if (first_chunk)  // keys that leave at tile t free their slots
+          for (int w = lane; w < n_words; w += 32) free_bits[w] |= atomicExch(frees_at(t) + w, 0u);
+        take_free_slots(free_bits, n_words, total, slot_of);
+      }
+      __syncthreads();  // slot_of written
+      if (in_tile) {
+        const int s = arrives ? slot_of[before] : -1;
+        slot_bh[j] = s;
+        const int t_leave = arrives ? departure_tile(d, T, t, e) : T;
+        if (t_leave < T) {
+          unsigned* bits = t_leave == t + 1 ? frees_at(t_leave) : leave_bh + (size_t)t_leave * n_words;
+          atomicOr(bits + s / 32, 1u << (s % 32));
+        }
+      }
+      first_chunk = false;
     }
     p_last_before = max(p_last_before, tp.p_last);
-    __syncthreads();  // the slots of tile t are final
-    // 3. The slot row of tile t. (Thread tid handles the same slots here and in step 1.)
-    for (int s = tid; s < S; s += kSweepThreads) out[(size_t)t * S + s] = key[s];
   }
+}
+
+// grid (ceil(Lk / 256), B*Hd), 256 threads: slot_key[t][slot of j] = j for the tiles t where key
+// j lives (slot_key is -1 elsewhere on entry).
+__global__ void slot_rows_kernel(Dims d, int T, int S, const int* __restrict__ evict,
+                                 const int* __restrict__ slot_of_key, int* __restrict__ slot_key) {
+  const int bh = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d.Lk || j > tile_positions(d, T - 1).p_last) return;
+  const int s = slot_of_key[(size_t)bh * d.Lk + j];
+  if (s < 0) return;
+  const int t_arrive = arrival_tile(d, T, j);
+  const int t_leave = departure_tile(d, T, t_arrive, evict[(size_t)bh * d.Lk + j]);
+  int* out = slot_key + (size_t)bh * T * S + s;
+  for (int t = t_arrive; t < t_leave; ++t) out[(size_t)t * S] = j;
 }
 
 // grid (T, B*Hd), kListThreads threads: list, n_alive and n_full of one tile.
@@ -177,24 +233,42 @@ __global__ void __launch_bounds__(kListThreads) list_kernel(Dims d, int T, int S
 
 bool sweep_in_shared(const Dims& d) { return sweep_state_bytes(table_stride(d)) <= kSweepSmemLimit; }
 
+// The sweep's scratch per (b, delta head): slot_of_key (Lk), leave_bits (T x bitmap words), and
+// the bitmaps when they do not fit in shared memory.
+struct SweepScratch {
+  size_t slot_of_key, leave_bits, state, total;  // offsets and total, in ints
+};
+SweepScratch sweep_scratch(const Dims& d) {
+  const size_t n_bh = (size_t)d.B * d.Hd, words = bitmap_words(table_stride(d));
+  SweepScratch x;
+  x.slot_of_key = 0;
+  x.leave_bits = n_bh * d.Lk;
+  x.state = x.leave_bits + n_bh * table_tiles(d) * words;
+  x.total = x.state + (sweep_in_shared(d) ? 0 : n_bh * 3 * words);
+  return x;
+}
+
 }  // namespace
 
-size_t candidate_scratch_ints(const Dims& d) {
-  if (tables_implicit(d) || sweep_in_shared(d)) return 0;
-  return (size_t)d.B * d.Hd * (sweep_state_bytes(table_stride(d)) / sizeof(int));
-}
+size_t candidate_scratch_ints(const Dims& d) { return tables_implicit(d) ? 0 : sweep_scratch(d).total; }
 
 void launch_candidates(const Dims& d, const int* evict, const Tables& tb, int* scratch,
                        cudaStream_t st) {
   if (tables_implicit(d)) return;
   const int T = table_tiles(d), S = table_stride(d), n_bh = d.B * d.Hd;
+  const SweepScratch x = sweep_scratch(d);
+  int* slot_of_key = scratch + x.slot_of_key;
+  unsigned* leave_bits = reinterpret_cast<unsigned*>(scratch + x.leave_bits);
   const bool shared = sweep_in_shared(d);
-  const size_t smem = shared ? sweep_state_bytes(S) : 0;
-  DMA_CUDA_CHECK(cudaFuncSetAttribute(slot_sweep_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  slot_sweep_kernel<<<n_bh, kSweepThreads, smem, st>>>(d, T, S, evict, tb.slot_key,
-                                                       shared ? nullptr : scratch);
+  DMA_CUDA_CHECK(cudaMemsetAsync(leave_bits, 0, (x.state - x.leave_bits) * sizeof(int), st));
+  DMA_CUDA_CHECK(cudaMemsetAsync(tb.slot_key, 0xff, (size_t)n_bh * T * S * sizeof(int), st));  // -1
+  slot_sweep_kernel<<<n_bh, kSweepThreads, shared ? sweep_state_bytes(S) : 0, st>>>(
+      d, T, S, evict, slot_of_key, leave_bits,
+      shared ? nullptr : reinterpret_cast<unsigned*>(scratch + x.state));
   DMA_CUDA_CHECK_LAUNCH(slot_sweep_kernel);
+  slot_rows_kernel<<<dim3((d.Lk + 255) / 256, n_bh), 256, 0, st>>>(d, T, S, evict, slot_of_key,
+                                                                   tb.slot_key);
+  DMA_CUDA_CHECK_LAUNCH(slot_rows_kernel);
   list_kernel<<<dim3(T, n_bh), kListThreads, 0, st>>>(d, T, S, evict, tb.slot_key, tb.list,
                                                       tb.n_alive, tb.n_full);
   DMA_CUDA_CHECK_LAUNCH(list_kernel);

@@ -53,7 +53,8 @@ struct Tables {
 __host__ __device__ inline bool tables_implicit(const Dims& d) { return d.window >= d.Lk; }
 __host__ __device__ inline int table_tiles(const Dims& d) { return (d.Lq + kTileQ - 1) / kTileQ; }
 __host__ __device__ inline int table_stride(const Dims& d) { return d.window + kTileQ < d.Lk ? d.window + kTileQ : d.Lk; }
-// Scratch of the slot sweep when its state does not fit in shared memory (candidate_scratch_ints).
+// Scratch of the slot sweep (candidate_scratch_ints): each key's slot, the slots freed per tile,
+// and the free-slot bitmaps when they do not fit in shared memory.
 size_t candidate_scratch_ints(const Dims& d);
 void launch_candidates(const Dims& d, const int* evict, const Tables& t, int* scratch,
                        cudaStream_t st);
