@@ -28,15 +28,17 @@ struct Query {
   bool causal;
 };
 struct Answer {
-  int position, kept, ever_kept, candidate, span;
+  int position, kept, ever_kept, candidate, span, first, last;  // first..last: queries i..i+99 keeping j
 };
 
 Answer ask(const Query& x) {  // host, in int64_t
   using I = int64_t;
   const I p = dma::rule::query_position<I>(x.Lq, x.Lk, x.causal, x.i);
+  I first = 0, last = 0;
+  dma::rule::kept_queries<I>(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, x.i + 100, first, last);
   return {int(p), dma::rule::is_kept<I>(x.j, p, x.e), dma::rule::is_ever_kept<I>(x.j, x.e),
           dma::rule::is_candidate<I>(x.j, x.e, x.p_first),
-          int(dma::rule::kept_positions<I>(x.j, x.e, x.p_first, x.p_last))};
+          int(dma::rule::kept_positions<I>(x.j, x.e, x.p_first, x.p_last)), int(first), int(last)};
 }
 
 __global__ void ask_kernel(const Query* qs, Answer* as, int n) {  // device, in int
@@ -44,9 +46,11 @@ __global__ void ask_kernel(const Query* qs, Answer* as, int n) {  // device, in 
   if (t >= n) return;
   const Query x = qs[t];
   const int p = dma::rule::query_position(x.Lq, x.Lk, x.causal, x.i);
+  int first = 0, last = 0;
+  dma::rule::kept_queries(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, x.i + 100, first, last);
   as[t] = {p, dma::rule::is_kept(x.j, p, x.e), dma::rule::is_ever_kept(x.j, x.e),
            dma::rule::is_candidate(x.j, x.e, x.p_first),
-           dma::rule::kept_positions(x.j, x.e, x.p_first, x.p_last)};
+           dma::rule::kept_positions(x.j, x.e, x.p_first, x.p_last), first, last};
 }
 
 __global__ void round_kernel(const float* x, uint16_t* bf, uint16_t* hf, int n) {

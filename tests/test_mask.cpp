@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "dma/mask.hpp"
+#include "dma/mask_rule.hpp"
 #include "test_util.hpp"
 
 using namespace dma;
@@ -147,5 +148,29 @@ TEST_SUITE("cpu") {
           CHECK(tile_has_kept_key(s, opt, evict.data(), i0, i1, k0, k1) == any);
         }
     }
+  }
+
+  TEST_CASE("rule::kept_queries is exactly the queries whose position keeps the key") {
+    std::mt19937_64 rng(test_seed() + 3);
+    int64_t ranges = 0, empty = 0;
+    for (int n = 0; n < 20000; ++n) {
+      const int64_t Lk = 1 + int64_t(rng() % 400), Lq = 1 + int64_t(rng() % Lk);
+      const bool causal = rng() % 4 != 0;
+      const int64_t i0 = int64_t(rng() % Lq), i_end = i0 + 1 + int64_t(rng() % (Lq - i0));
+      const int64_t j = int64_t(rng() % Lk), p0 = rule::query_position(Lq, Lk, causal, i0);
+      const int64_t choices[] = {-1, j - 1, j, j + 1, Lk - 1, p0 - 1, p0, p0 + 1, int64_t(rng() % Lk)};
+      const int64_t e = choices[rng() % 9];
+      int64_t first = 0, last = 0;
+      rule::kept_queries(Lq, Lk, causal, j, e, i0, i_end, first, last);
+      for (int64_t i = i0; i < i_end; ++i) {
+        const bool kept = rule::is_kept(j, rule::query_position(Lq, Lk, causal, i), e);
+        if (kept != (first <= i && i <= last)) FAIL("query ", i, " of ", i0, "..", i_end - 1, ": ", kept);
+      }
+      CHECK(first >= i0);
+      CHECK(last < i_end);
+      (first <= last ? ranges : empty) += 1;
+    }
+    CHECK(ranges > 5000);  // the draw reaches both answers
+    CHECK(empty > 5000);
   }
 }

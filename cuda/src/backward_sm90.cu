@@ -358,16 +358,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
           }
         }
       } else {
+        // The step's queries that keep row r's key are one range (rule::kept_queries; none for
+        // an empty slot, whose e_j is -1), here in columns relative to this thread's first
+        // column 2 t4: an element compares its compile-time column n * 8 + e with lo and hi.
+        int lo[2], hi[2];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          int first, last;
+          rule::kept_queries(d.Lq, d.Lk, d.causal, key[r], evict[r], i0, min(i0 + kSubQ, d.Lq), first, last);
+          lo[r] = first - i0 - 2 * t4;
+          hi[r] = last - i0 - 2 * t4;
+        }
         #pragma unroll
         for (int n = 0; n < kSubQ / 8; ++n) {
+          const float2 lse = *reinterpret_cast<const float2*>(lse_t + n * 8 + t4 * 2);
           #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = n * 8 + t4 * 2 + e, i = i0 + col;
-            const float lse2 = lse_t[col] * kLog2e;
-            const int p = rule::query_position(d.Lq, d.Lk, d.causal, i);
+            const float lse2 = (e == 0 ? lse.x : lse.y) * kLog2e;
             #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const bool kept = i < d.Lq && rule::is_kept(key[r], p, evict[r]);  // (empty: e = -1)
+              const bool kept = n * 8 + e >= lo[r] && n * 8 + e <= hi[r];
               float& x = acc[4 * n + 2 * r + e];
               x = kept ? fast_exp2(fmaf(x, scale2, delta2[r]) - lse2) : 0.0f;
             }

@@ -52,4 +52,21 @@ DMA_HOST_DEVICE I kept_positions(I j, I evict_j, I p_lo, I p_hi) {
   return hi >= lo ? hi - lo + 1 : I(0);
 }
 
+// The queries i0 <= i < i_end (of Lq, over Lk keys) that keep key j, as the range first..last
+// (first > last: none). Positions do not decrease with i and key j is kept by one interval of
+// them, so the queries that keep it are one interval too: a kernel tests an element against it
+// with two compares, without computing the element's position.
+template <typename I>
+DMA_HOST_DEVICE void kept_queries(I Lq, I Lk, bool causal, I j, I evict_j, I i0, I i_end, I& first,
+                                  I& last) {
+  if (causal) {  // p_i = i + shift: j <= p_i <= e_j exactly for j - shift <= i <= e_j - shift
+    const I shift = query_position(Lq, Lk, true, I(0));
+    first = j - shift > i0 ? j - shift : i0;
+    last = evict_j - shift < i_end - 1 ? evict_j - shift : i_end - 1;
+  } else {  // every query sits at Lk - 1
+    first = i0;
+    last = is_kept(j, query_position(Lq, Lk, false, i0), evict_j) ? i_end - 1 : i0 - 1;
+  }
+}
+
 }  // namespace dma::rule
