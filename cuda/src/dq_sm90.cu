@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // column 8n + 2t4 + e), as backward.cu's dq_kernel.
   auto compute_ds = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];
-    const int r0 = c * kBn, nt = min(kBn, qb.n_alive - r0);
+    const int r0 = c * kBn;
     if (r0 + kBn <= qb.n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {  // no element mask
       #pragma unroll
       for (int n = 0; n < kBn / 8; ++n) {
@@ -158,17 +158,20 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
       }
       return;
     }
+    // (the entries past the list hold key -1 and e_j -1, which no query keeps)
     #pragma unroll
     for (int n = 0; n < kBn / 8; ++n) {
+      const int2 j2 = *reinterpret_cast<const int2*>(&kt.key[n * 8 + t4 * 2]);
+      const int2 e2 = *reinterpret_cast<const int2*>(&kt.evict[n * 8 + t4 * 2]);
+      const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
       #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = n * 8 + t4 * 2 + e;
-        const int j = kt.key[col], ej = kt.evict[col];
-        const float d2 = kt.delta2[col];
+        const int j = e == 0 ? j2.x : j2.y, ej = e == 0 ? e2.x : e2.y;
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool kept = col < nt && rule::is_kept(j, p_row[r], ej);
-          const float p = kept ? fast_exp2(fmaf(s[4 * n + 2 * r + e], scale2, d2) - lse2[r]) : 0.0f;
+          const bool kept = rule::is_kept(j, p_row[r], ej);
+          const float p =
+              kept ? fast_exp2(fmaf(s[4 * n + 2 * r + e], scale2, e == 0 ? d2.x : d2.y) - lse2[r]) : 0.0f;
           dp[4 * n + 2 * r + e] = p * (dp[4 * n + 2 * r + e] - dsum[r]);  // exactly 0 where p is 0
         }
       }

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // forward.cu (s[4n + e] is forward.cu's s[n][e]); alpha = 2^(m - m') for the rescale of O.
   auto softmax = [&](int c) {
     const KeyBlock<kBn>& kt = kts[c % kStages];
-    const int r0 = c * kBn, nt = min(kBn, qb.n_alive - r0);
+    const int r0 = c * kBn;
     float row_max[2] = {-INFINITY, -INFINITY};
     if (r0 + kBn <= qb.n_full || block_kept_by(kt, warp_p_first, warp_p_last)) {
       #pragma unroll
@@ -159,19 +159,20 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
         }
       }
     } else {
+      // (the entries past the list hold key -1 and e_j -1, which no query keeps)
       #pragma unroll
       for (int n = 0; n < kBn / 8; ++n) {
+        const int2 j2 = *reinterpret_cast<const int2*>(&kt.key[n * 8 + t4 * 2]);
+        const int2 e2 = *reinterpret_cast<const int2*>(&kt.evict[n * 8 + t4 * 2]);
+        const float2 d2 = *reinterpret_cast<const float2*>(&kt.delta2[n * 8 + t4 * 2]);
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + t4 * 2 + e;
-          const int j = kt.key[col], ej = kt.evict[col];
-          const float d2 = kt.delta2[col];
-          const bool valid = col < nt;
+          const int j = e == 0 ? j2.x : j2.y, ej = e == 0 ? e2.x : e2.y;
           #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const bool kept = valid && rule::is_kept(j, p_row[r], ej);
+            const bool kept = rule::is_kept(j, p_row[r], ej);
             float& x = s[4 * n + 2 * r + e];
-            x = kept ? fmaf(x, scale2, d2) : -INFINITY;
+            x = kept ? fmaf(x, scale2, e == 0 ? d2.x : d2.y) : -INFINITY;
             row_max[r] = fmaxf(row_max[r], x);
           }
         }
