@@ -6,8 +6,8 @@
 //                      keys (in increasing j) take the lowest free slots. It records only each
 //                      key's slot; a bitmap of the free slots lets one warp hand out the lowest
 //                      ones, and a key that takes a slot marks it in the bitmap of the tile where
-//                      it will leave, so that no tile scans the S slots. Per tile: a bit-or and a
-//                      popcount per 32 slots, one scan over a warp, the arrivals' work, 2 barriers.
+//                      it will leave, so that no tile scans the S slots. Per tile: one bit-or and
+//                      one scan per 32 x 32 slots, the arrivals' work, 2 barriers.
 //   slot_rows_kernel   one thread per key, in parallel: writes the key into its slot's column of
 //                      the slot rows of the tiles where it lives (the rest was set to -1).
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
@@ -33,7 +33,6 @@ constexpr int kListWarps = kListThreads / 32;
 __host__ __device__ int bitmap_words(int S) { return (S + 31) / 32; }
 __host__ __device__ size_t sweep_state_bytes(int S) { return 3 * sizeof(unsigned) * (size_t)bitmap_words(S); }
 constexpr size_t kSweepSmemLimit = 40 * 1024;
-constexpr int kAheadWords = 4;  // leave-bitmap words per lane of warp 1 loaded a barrier ahead
 
 struct TilePositions {
   int p_first, p_last;
@@ -66,38 +65,30 @@ __device__ int departure_tile(const Dims& d, int T, int t0, int e) {
   return lo;
 }
 
-// Warp 0 only: the slots freed at this tile (`freed`, cleared; null after a tile's first chunk)
-// join the free bitmap, then the `count` lowest free slots are taken (their bits cleared) and
-// written, in increasing order, to slot_of[0 .. count). Lane l owns the consecutive words
-// l * k .. l * k + k-1 (k = n_words / 32, rounded up): one scan over the lanes ranks them all.
-__device__ void take_free_slots(unsigned* free_bits, unsigned* freed, int n_words, int count,
-                                int* slot_of) {
-  const int lane = threadIdx.x % 32, per_lane = (n_words + 31) / 32;
-  const int w_begin = min(lane * per_lane, n_words), w_end = min(w_begin + per_lane, n_words);
-  int n = 0;  // free slots in this lane's words
-  for (int w = w_begin; w < w_end; ++w) {
-    unsigned bits = free_bits[w];
-    if (freed != nullptr) {
-      bits |= atomicExch(freed + w, 0u);
-      free_bits[w] = bits;
+// Warp 0 only: takes the `count` lowest free slots of the bitmap (clearing their bits) and
+// writes them, in increasing order, to slot_of[0 .. count). Lane l reads and writes only the
+// words l, l + 32, ...
+__device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int* slot_of) {
+  const int lane = threadIdx.x % 32;
+  int taken = 0;
+  for (int w0 = 0; taken < count && w0 < n_words; w0 += 32) {
+    const int word = w0 + lane;
+    unsigned bits = word < n_words ? free_bits[word] : 0u;
+    const int n = __popc(bits);
+    int inclusive = n;  // free slots in words w0 .. word
+    #pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
+      if (lane >= off) inclusive += x;
     }
-    n += __popc(bits);
-  }
-  int inclusive = n;  // free slots in the words of lanes 0 .. lane
-  #pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
-    if (lane >= off) inclusive += x;
-  }
-  int rank = inclusive - n;  // rank of this lane's lowest free slot
-  for (int w = w_begin; w < w_end && rank < count; ++w) {
-    unsigned bits = free_bits[w];
+    int rank = taken + inclusive - n;  // rank of this word's lowest free slot
     const unsigned before = bits;
     while (bits != 0u && rank < count) {
-      slot_of[rank++] = w * 32 + __ffs(bits) - 1;
+      slot_of[rank++] = word * 32 + __ffs(bits) - 1;
       bits &= bits - 1u;
     }
-    if (bits != before) free_bits[w] = bits;
+    if (word < n_words && bits != before) free_bits[word] = bits;
+    taken += __shfl_sync(0xffffffffu, inclusive, 31);
   }
 }
 
@@ -151,33 +142,24 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
         before += w < warp ? warp_count[w] : 0;
         total += warp_count[w];
       }
-      // Ahead, for tile t+1: the e_j of its first positions, and (warp 1) the slots that keys
-      // which arrived before tile t free there, loaded now and added to frees_at(t+1) after
-      // the next barrier (keys arriving at tile t that leave at t+1 add theirs there too).
-      const bool ahead = first_chunk && t + 1 < T;
-      unsigned leaving[kAheadWords];
-      if (ahead) {
+      if (first_chunk && t + 1 < T) {
+        // Ahead, for tile t+1: the e_j of its first positions, and (warp 1) the slots that
+        // keys which arrived before tile t free there. Keys arriving at tile t that leave at
+        // t+1 add theirs below.
         const int jn = max(p_last_before, tp.p_last) + 1 + tid;
         e_first = jn <= tile_positions(d, t + 1).p_last ? __ldg(evict_bh + jn) : -1;
         if (warp == 1)
-          #pragma unroll
-          for (int k = 0; k < kAheadWords; ++k) {
-            const int w = lane + 32 * k;
-            leaving[k] = w < n_words ? __ldcg(leave_bh + (size_t)(t + 1) * n_words + w) : 0u;
+          for (int w = lane; w < n_words; w += 32) {
+            const unsigned bits = __ldcg(leave_bh + (size_t)(t + 1) * n_words + w);
+            if (bits != 0u) atomicOr(frees_at(t + 1) + w, bits);
           }
       }
-      if (warp == 0)  // (keys that leave at tile t free their slots first)
-        take_free_slots(free_bits, first_chunk ? frees_at(t) : nullptr, n_words, total, slot_of);
-      __syncthreads();  // slot_of written
-      if (ahead && warp == 1) {
-        #pragma unroll
-        for (int k = 0; k < kAheadWords; ++k)
-          if (leaving[k] != 0u) atomicOr(frees_at(t + 1) + lane + 32 * k, leaving[k]);
-        for (int w = lane + 32 * kAheadWords; w < n_words; w += 32) {  // (more than 4096 slots)
-          const unsigned bits = __ldcg(leave_bh + (size_t)(t + 1) * n_words + w);
-          if (bits != 0u) atomicOr(frees_at(t + 1) + w, bits);
-        }
+      if (warp == 0) {
+        if (first_chunk)  // keys that leave at tile t free their slots
+          for (int w = lane; w < n_words; w += 32) free_bits[w] |= atomicExch(frees_at(t) + w, 0u);
+        take_free_slots(free_bits, n_words, total, slot_of);
       }
+      __syncthreads();  // slot_of written
       if (in_tile) {
         const int s = arrives ? slot_of[before] : -1;
         slot_bh[j] = s;
