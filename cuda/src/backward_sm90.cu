@@ -247,17 +247,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   for (int n = 0; n < D / 2; ++n) dk_acc[n] = dv_acc[n] = 0.0f;
   float dd[2] = {0.0f, 0.0f};  // ddelta partial sums of this thread's two rows
   const int slot_l[2] = {warp * 16 + g, warp * 16 + g + 8};
-  int key[2] = {-1, -1}, evict[2] = {-1, -1};
-  float delta2[2] = {0.0f, 0.0f};
+  // (The keys of this thread's slots, their e_j and delta_j are read from the record where they
+  // are used: held in registers across the steps, they made ptxas spill.)
 
-  // Writes the gradients of this thread's keys that leave their slots (next != key), or their
-  // carried sums, and clears their accumulators (by selects, so that the accumulators keep one
-  // definition for the wgmma).
-  auto flush = [&](const int next[2]) {
+  // Writes the gradients of this thread's keys that leave their slots (the keys of record prev,
+  // where next differs), or their carried sums, and clears their accumulators (by selects, so
+  // that the accumulators keep one definition for the wgmma).
+  auto flush = [&](const SlotRecord* prev, const int next[2]) {
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(dd[r]);  // ddelta: the quad's 4 partial row sums
-      const int j = key[r];
+      const int j = prev ? prev->key[slot_l[r]] : -1;
       const bool leaves = next[r] != j;  // (the same for the 4 threads of a quad)
       if (leaves && j >= 0) {
         // (computed here, where it is needed: held, these would take registers from the steps)
@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     const SlotRecord& rc = records[n_rec % 2];
     const int t = rc.t;
     const int next[2] = {t >= 0 ? rc.key[slot_l[0]] : -1, t >= 0 ? rc.key[slot_l[1]] : -1};
-    flush(next);
+    const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
+    flush(prev, next);
     if (t < 0) break;
 
     // The K, V rows of the slots whose key changed since the last record (all of them at the
@@ -303,7 +304,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     // thread's wait<0> returned, and dK's product, issued by every warp only after its own
     // products reading K and V were waited for, is one collective operation).
     constexpr int kChunks = D / 8;
-    const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
     #pragma unroll 4
     for (int c = tid; c < kSlots * kChunks; c += kConsumers) {
       const int r = c / kChunks, chunk = c % kChunks, j = rc.key[r];
@@ -317,12 +317,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     fence_proxy_async();
     named_barrier_sync(2, kConsumers);  // the rows are in, and every thread has read prev
     if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      key[r] = next[r];
-      evict[r] = rc.evict[slot_l[r]];
-      delta2[r] = rc.delta2[slot_l[r]];
-    }
 
     for_each_step(d, t, heads, [&](int, int i0, int p_lo, int p_hi) {
       if (!step_active(rc.lo_key, rc.hi_evict, p_lo, p_hi)) return;
@@ -345,6 +339,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 
       // P^T (acc[4n + 2r + e]: slot row slot_l[r], query column 8n + 2t4 + e); k16 slice kk of
       // the queries is the accumulators of column blocks 2kk, 2kk+1 (the A layout, sm90.cuh).
+      const float delta2[2] = {rc.delta2[slot_l[0]], rc.delta2[slot_l[1]]};
       const float* lse_t = lse_s + buf * kSubQ;
       const float* dsum_t = dsum_s + buf * kSubQ;
       if (step_full(rc, p_lo, p_hi) && i0 + kSubQ <= d.Lq) {  // (uniform) no element mask
@@ -365,7 +360,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
           int first, last;
-          rule::kept_queries(d.Lq, d.Lk, d.causal, key[r], evict[r], i0, min(i0 + kSubQ, d.Lq), first, last);
+          rule::kept_queries(d.Lq, d.Lk, d.causal, rc.key[slot_l[r]], rc.evict[slot_l[r]], i0,
+                             min(i0 + kSubQ, d.Lq), first, last);
           lo[r] = first - i0 - 2 * t4;
           hi[r] = last - i0 - 2 * t4;
         }
