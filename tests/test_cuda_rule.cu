@@ -28,14 +28,15 @@ struct Query {
   bool causal;
 };
 struct Answer {
-  int position, kept, ever_kept, candidate, span, first, last;  // first..last: queries i..i+99 keeping j
+  int position, kept, ever_kept, candidate, span, first, last;  // first..last: queries i..min(i+100, Lq)-1 keeping j
 };
 
 Answer ask(const Query& x) {  // host, in int64_t
   using I = int64_t;
   const I p = dma::rule::query_position<I>(x.Lq, x.Lk, x.causal, x.i);
   I first = 0, last = 0;
-  dma::rule::kept_queries<I>(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, x.i + 100, first, last);
+  const I i_end = x.i + 100 < x.Lq ? x.i + 100 : x.Lq;
+  dma::rule::kept_queries<I>(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, i_end, first, last);
   return {int(p), dma::rule::is_kept<I>(x.j, p, x.e), dma::rule::is_ever_kept<I>(x.j, x.e),
           dma::rule::is_candidate<I>(x.j, x.e, x.p_first),
           int(dma::rule::kept_positions<I>(x.j, x.e, x.p_first, x.p_last)), int(first), int(last)};
@@ -47,7 +48,8 @@ __global__ void ask_kernel(const Query* qs, Answer* as, int n) {  // device, in 
   const Query x = qs[t];
   const int p = dma::rule::query_position(x.Lq, x.Lk, x.causal, x.i);
   int first = 0, last = 0;
-  dma::rule::kept_queries(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, x.i + 100, first, last);
+  const int i_end = x.i + 100 < x.Lq ? x.i + 100 : x.Lq;
+  dma::rule::kept_queries(x.Lq, x.Lk, x.causal, x.j, x.e, x.i, i_end, first, last);
   as[t] = {p, dma::rule::is_kept(x.j, p, x.e), dma::rule::is_ever_kept(x.j, x.e),
            dma::rule::is_candidate(x.j, x.e, x.p_first),
            dma::rule::kept_positions(x.j, x.e, x.p_first, x.p_last), first, last};

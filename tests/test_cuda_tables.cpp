@@ -54,7 +54,7 @@ TEST_SUITE("cuda") {
         {1, 2, 600, 700, 640, true, 0},     // w + Bq > Lk: S = Lk
         {2, 1, 300, 800, 50, false, 0},     // non-causal: one candidate set for every tile
         {1, 1, 256, 30000, 20000, true, 0}, // 20128 slots: 629 words per bitmap
-        {1, 1, 300, 120000, 115000, true, 0},  // 115128 slots: the bitmaps in global memory
+        {1, 2, 300, 120000, 115000, true, 0},  // 115128 slots: the bitmaps in global memory
     };
     int n = 0;
     for (const TableCase& tc : cases) {
@@ -69,6 +69,7 @@ TEST_SUITE("cuda") {
       DeviceMem d_delta(delta), mask_state(dc::mask_state_bytes(c)), status(8);
       DeviceMem workspace(dc::workspace_bytes(c));
       REQUIRE(cudaMemset(mask_state.ptr, 0x7f, mask_state.bytes) == cudaSuccess);
+      REQUIRE(cudaMemset(workspace.ptr, 0x5a, workspace.bytes) == cudaSuccess);  // no zeros given
       dc::reset_status(status.as<int64_t>(), nullptr);
       dc::check_delta(c, d_delta.as<float>(), status.as<int64_t>(), nullptr);
       dc::build_mask(c, d_delta.as<float>(), mask_state.ptr, workspace.ptr, workspace.bytes, nullptr);

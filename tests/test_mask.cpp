@@ -157,9 +157,11 @@ TEST_SUITE("cpu") {
       const int64_t Lk = 1 + int64_t(rng() % 400), Lq = 1 + int64_t(rng() % Lk);
       const bool causal = rng() % 4 != 0;
       const int64_t i0 = int64_t(rng() % Lq), i_end = i0 + 1 + int64_t(rng() % (Lq - i0));
-      const int64_t j = int64_t(rng() % Lk), p0 = rule::query_position(Lq, Lk, causal, i0);
+      const int64_t p0 = rule::query_position(Lq, Lk, causal, i0);
+      const bool empty_slot = rng() % 10 == 0;  // key -1, e_j -1: the kernels' empty slots
+      const int64_t j = empty_slot ? -1 : int64_t(rng() % Lk);
       const int64_t choices[] = {-1, j - 1, j, j + 1, Lk - 1, p0 - 1, p0, p0 + 1, int64_t(rng() % Lk)};
-      const int64_t e = choices[rng() % 9];
+      const int64_t e = empty_slot ? -1 : choices[rng() % 9];
       int64_t first = 0, last = 0;
       rule::kept_queries(Lq, Lk, causal, j, e, i0, i_end, first, last);
       for (int64_t i = i0; i < i_end; ++i) {

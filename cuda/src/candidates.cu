@@ -7,7 +7,8 @@
 //                      key's slot; a bitmap of the free slots lets one warp hand out the lowest
 //                      ones, and a key that takes a slot marks it in the bitmap of the tile where
 //                      it will leave, so that no tile scans the S slots. Per tile: one bit-or and
-//                      one scan per 32 x 32 slots, the arrivals' work, 2 barriers.
+//                      one scan per 32 x 32 slots, the arrivals' work, 2 barriers per chunk of
+//                      512 arriving positions (one chunk per tile when causal).
 //   slot_rows_kernel   one thread per key, in parallel: writes the key into its slot's column of
 //                      the slot rows of the tiles where it lives (the rest was set to -1).
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
@@ -28,7 +29,7 @@ constexpr int kListThreads = 256;
 constexpr int kListWarps = kListThreads / 32;
 // The sweep's bitmaps per (b, delta head), one bit per slot: the free slots, and the slots that
 // become free at the next tile (two, by tile parity). In shared memory up to kSweepSmemLimit
-// bytes (S up to 109226 slots: with the static arrays, within the 48 KB a block has without
+// bytes (S up to 109216 slots: with the static arrays, within the 48 KB a block has without
 // opting in), else in the global scratch.
 __host__ __device__ int bitmap_words(int S) { return (S + 31) / 32; }
 __host__ __device__ size_t sweep_state_bytes(int S) { return 3 * sizeof(unsigned) * (size_t)bitmap_words(S); }
@@ -43,7 +44,7 @@ __device__ __forceinline__ TilePositions tile_positions(const Dims& d, int t) {
           rule::query_position(d.Lq, d.Lk, d.causal, i_last)};
 }
 
-// The tile where key j arrives: the first with p_last >= j (j <= p_last of the last tile).
+// The tile where key j arrives: the first with p_last >= j (the last tile's p_last is Lk - 1).
 __device__ int arrival_tile(const Dims& d, int T, int j) {
   int lo = 0, hi = T - 1;
   while (lo < hi) {
@@ -93,7 +94,7 @@ __device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int
 }
 
 // grid (B*Hd), kSweepThreads threads. Writes slot_of_key (B*Hd, Lk): the slot key j takes, -1
-// if it never takes one (keys past the last tile's positions are not written). leave_bits
+// if it never takes one (every key arrives at some tile: the last one's p_last is Lk - 1). leave_bits
 // (B*Hd, T, bitmap_words(S)), zero on entry: the slots that become free at tile t. The
 // bitmaps (sweep_state_bytes(S) per (b, delta head)) are in dynamic shared memory, or in global
 // scratch when `state` is not null.
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
 __global__ void slot_rows_kernel(Dims d, int T, int S, const int* __restrict__ evict,
                                  const int* __restrict__ slot_of_key, int* __restrict__ slot_key) {
   const int bh = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= d.Lk || j > tile_positions(d, T - 1).p_last) return;
+  if (j >= d.Lk) return;
   const int s = slot_of_key[(size_t)bh * d.Lk + j];
   if (s < 0) return;
   const int t_arrive = arrival_tile(d, T, j);

@@ -8,7 +8,8 @@
 //               n_full     (B,Hd,T) int32
 //   workspace   keys       (B,Hd,Lk) u64     rank keys (mask build; only when w < Lk)
 //               sorted     (B,Hd,..) u64     sorted chunks (mask build; only when w < Lk)
-//               sweep      int32             slot sweep: each key's slot, the slots freed per tile
+//               sweep      int32             slot sweep: each key's slot, the slots freed per
+//                                            tile (and its bitmaps when too large for shared memory)
 //               dk_part,   (B,Hd,Lk,D) f32   per-delta-head dK, dV when Hd > Hkv
 //               dv_part
 //               carry      f32               dk/dv sweep sums carried across spans (Hopper)
