@@ -130,6 +130,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int s0 = blockIdx.x * kSlots, bhd = blockIdx.y;
+  // The span of query tiles (kernels.hpp), the last first: when causal, the first span's early
+  // tiles hold fewer keys, so its blocks are the shortest, and they fill the last wave.
+  const int span = gridDim.z - 1 - blockIdx.z;
   const int b = bhd / d.Hd, hd = bhd % d.Hd;
   const int heads = d.Hq / d.Hd;  // query heads of this delta head
   const int hq0 = hd * heads, hk = hq0 / (d.Hq / d.Hkv);
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - kConsumers, pw = pt / 32;
     const int S = tables_implicit(d) ? d.Lk : table_stride(d);
-    const int t_begin = blockIdx.z * sweep_span_tiles(d);  // this block's span of query tiles
+    const int t_begin = span * sweep_span_tiles(d);
     const int t_end = min(t_begin + sweep_span_tiles(d), table_tiles(d));
     const TableView tv(d, a.tables, bhd);
     int* partial = reinterpret_cast<int*>(smem + L::partial);
@@ -261,7 +264,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
       const bool leaves = next[r] != j;  // (the same for the 4 threads of a quad)
       if (leaves && j >= 0) {
         // (computed here, where it is needed: held, these would take registers from the steps)
-        const int span = blockIdx.z;
         const SweepOut out(d, a, bhd, span);
         const bool carried =
             span > 0 && carried_into(d, TableView(d, a.tables, bhd), span * sweep_span_tiles(d), s0 + slot_l[r], j);
