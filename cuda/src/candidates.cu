@@ -149,11 +149,18 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
         // t+1 add theirs below.
         const int jn = max(p_last_before, tp.p_last) + 1 + tid;
         e_first = jn <= tile_positions(d, t + 1).p_last ? __ldg(evict_bh + jn) : -1;
-        if (warp == 1)
-          for (int w = lane; w < n_words; w += 32) {
-            const unsigned bits = __ldcg(leave_bh + (size_t)(t + 1) * n_words + w);
-            if (bits != 0u) atomicOr(frees_at(t + 1) + w, bits);
+        if (warp == 1) {
+          // (4 words per lane loaded before any is used: one wait for L2 instead of 4)
+          const unsigned* leave_next = leave_bh + (size_t)(t + 1) * n_words;
+          for (int w0 = lane; w0 < n_words; w0 += 4 * 32) {
+            unsigned bits[4];
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) bits[k] = w0 + 32 * k < n_words ? __ldcg(leave_next + w0 + 32 * k) : 0u;
+            #pragma unroll
+            for (int k = 0; k < 4; ++k)
+              if (bits[k] != 0u) atomicOr(frees_at(t + 1) + w0 + 32 * k, bits[k]);
           }
+        }
       }
       if (warp == 0) {
         if (first_chunk)  // keys that leave at tile t free their slots
