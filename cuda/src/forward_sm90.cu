@@ -109,15 +109,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   }
   set_max_registers<kConsumerRegs, true>();
 
-  // The consumers. Descriptors (sm90.cuh) of this warpgroup's 64 rows of Q and of K_j, V_j in
-  // buffer 0; a k16 step or another buffer is a constant added to the start address field
-  // (units of 16 bytes), so the loops below add instead of re-encoding.
-  const uint64_t q_desc0 = descriptor(base + L::rows(0) + wg * 64 * 128, 16, 1024);
+  // The consumers. Descriptors (sm90.cuh) of K_j and V_j in buffer 0; a k16 step or another
+  // buffer is a constant added to the start address field (units of 16 bytes), so the loops
+  // below add instead of re-encoding.
   const uint64_t k_desc0 = descriptor(base + L::k, 16, 1024);
   const uint64_t v_desc0 = descriptor(base + L::v, kBn * 128, 1024);
-  auto q_desc = [&](int kk) {  // k16 step kk of D: 32 bytes inside a 64-column block
-    return q_desc0 + (((kk / 4) * (kTileQ * 128) + (kk % 4) * 32) >> 4);
-  };
   auto k_desc = [&](int buf, int kk) {
     return k_desc0 + ((buf * L::tile_bytes + (kk / 4) * (kBn * 128) + (kk % 4) * 32) >> 4);
   };
@@ -133,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   float o_acc[D / 2];  // O, 64 x D per warpgroup (layout in sm90.cuh)
   #pragma unroll
   for (int n = 0; n < D / 2; ++n) o_acc[n] = 0.0f;
+  uint32_t qf[D / 16][4];  // Q of this warp's 16 rows as the register A operand of S (k16 slices)
   float s[kBn / 2] = {};   // S, then P, of the current block (64 x kBn per warpgroup)
   uint32_t pf[kBn / 16][4];  // P of the previous tile as the register A operand of P V
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
@@ -219,9 +216,23 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       pf[kk][3] = Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-  auto issue_s = [&](int c) {  // S = Q K_c^T, asynchronous
+  // Q, once it has landed (with tile 0), into the A layout of m64k16 (the layout pack_p makes
+  // of P): slice kk, register x holds row g + 8 (x % 2), columns 16 kk + 8 (x / 2) + 2 t4, + 1.
+  auto load_q = [&] {
+    const unsigned char* q_rows = smem + L::rows(0);
     #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, kBn>(s, q_desc(kk), k_desc(c % kStages, kk), kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk)
+      #pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int r = warp * 16 + g + (x % 2) * 8, col = kk * 16 + (x / 2) * 8 + t4 * 2;
+        qf[kk][x] = *reinterpret_cast<const uint32_t*>(q_rows + swizzled_offset<kTileQ>(r, col / 8) + (col % 8) * 2);
+      }
+  };
+  // S = Q K_c^T, asynchronous. Q comes from registers: only K_c is read from shared memory, whose
+  // bandwidth a product of 64 x 64 with both operands there would use whole.
+  auto issue_s = [&](int c) {
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_rs_kmajor<T, kBn>(s, qf[kk], k_desc(c % kStages, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int c) {  // O += P_c V_c, asynchronous
@@ -247,6 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), 256); };
   if (wg == 1) your_turn();
   wait_for_tile(0);
+  load_q();
   my_turn();
   wgmma_fence();
   issue_s(0);

@@ -167,6 +167,30 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #undef DMA_WGMMA_RS
 }
 
+// d (64xN) = A (64x16, registers) B (16xN) + (accumulate ? d : 0); B K-major in shared memory
+// (as in wgmma_ss: S = Q K^T with Q held in registers).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs_kmajor(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                                bool accumulate) {
+  static_assert(N == 64 || N == 128, "S = Q K^T for key blocks of 64 and 128");
+#define DMA_WGMMA_RS_K(NN, TYPE, REGS, ACC, A0, A1, A2, A3, B, P)                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                           \
+               "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS  \
+               ", {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", p, 1, 1, 0;\n}\n"  \
+               : ACC                                                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                 \
+                 "r"(static_cast<int>(accumulate)))
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (N == 64) {
+    if constexpr (kHalf) DMA_WGMMA_RS_K(64, "f16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34, 35, 36, 37);
+    else DMA_WGMMA_RS_K(64, "bf16", DMA_WGMMA_D32, DMA_ACC32, 32, 33, 34, 35, 36, 37);
+  } else {
+    if constexpr (kHalf) DMA_WGMMA_RS_K(128, "f16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66, 67, 68, 69);
+    else DMA_WGMMA_RS_K(128, "bf16", DMA_WGMMA_D64, DMA_ACC64, 64, 65, 66, 67, 68, 69);
+  }
+#undef DMA_WGMMA_RS_K
+}
+
 #undef DMA_ACC64
 #undef DMA_ACC32
 #undef DMA_ACC8
