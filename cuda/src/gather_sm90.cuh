@@ -52,7 +52,7 @@ template <typename T, int D, int kRows>
 __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __restrict__ src, int i0,
                                              int L, int pt) {
   constexpr int kChunks = D / 8;
-  #pragma unroll 4
+  #pragma unroll 2  // (the dk/dv producer runs on 24 registers: with 4, ptxas spills there)
   for (int c = pt; c < kRows * kChunks; c += kProducers) {
     const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
     cp_async_16(dst + swizzled_offset<kRows>(r, chunk), src + (size_t)min(i, L - 1) * D + chunk * 8,
