@@ -5,7 +5,8 @@
 // warpgroups of 64 rows (warp w owns rows 16w .. 16w+15) and a producer warpgroup that copies
 // Q_i and dO_i, then gathers the tile's candidate keys kBn at a time (gather_sm90.cuh) into
 // kStages buffers handed over by mbarrier. Per block of keys K_j, V_j (paper notation):
-//   S  = Q K_j^T,  dP = dO V_j^T           wgmma m64n{kBn}k16, all four in shared memory
+//   S  = Q K_j^T,  dP = dO V_j^T           wgmma m64n{kBn}k16, Q held in registers, the others
+//                                          in shared memory
 //   P  = 2^(log2e (scale S + delta_j) - log2e lse_i), 0 where not kept
 //   dS = P (dP - D_i)                       (registers; D_i = do_i . o_i from dsum_kernel)
 //   dQ += dS K_j                            wgmma m64nDk16, dS from registers, K_j transposed
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   }
   set_max_registers<kConsumerRegs, true>();
 
-  // Descriptors (sm90.cuh): Q, dO (this warpgroup's 64 rows) and K_j, V_j K-major for S and dP,
+  // Descriptors (sm90.cuh): dO (this warpgroup's 64 rows) and K_j, V_j K-major for S and dP,
   // K_j MN-major for dQ (k runs over the keys: 16 rows = 2048 bytes a step).
   const uint64_t kmajor0 = descriptor(base, 16, 1024), k_trans0 = descriptor(base + L::k, kBn * 128, 1024);
   auto rows_desc = [&](uint32_t tile, int kk) {
@@ -124,11 +125,13 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
 
   float s[kBn / 2], dp[kBn / 2];  // S and dP of a block: 64 x kBn per warpgroup
   uint32_t sf[kBn / 16][4];        // dS as the register A operand (k16 slice kk: blocks 2kk, 2kk+1)
-  auto issue_s_dp = [&](int c) {   // S = Q K_c^T and dP = dO V_c^T, asynchronous
+  uint32_t qf[D / 16][4];          // this warp's 16 rows of Q as the register A operand of S
+  // S = Q K_c^T (Q from registers, so that only K_c is read from shared memory) and
+  // dP = dO V_c^T, asynchronous
+  auto issue_s_dp = [&](int c) {
     const int buf = c % kStages;
     #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, kBn>(s, rows_desc(L::rows(kQ), kk), block_desc(L::k, buf, kk), kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_rs_kmajor<T, kBn>(s, qf[kk], block_desc(L::k, buf, kk), kk > 0);
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
       wgmma_ss<T, kBn>(dp, rows_desc(L::rows(kDout), kk), block_desc(L::v, buf, kk), kk > 0);
@@ -191,7 +194,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // K_{c-1}, computes dS_c while the latter runs, and hands block c-1 back once it is done.
   // Block 0 goes alone, so that no wgmma is in flight across the loop's back edge (ptxas would
   // serialize them).
-  wait_for_block(0);
+  wait_for_block(0);  // (Q and dO landed with block 0)
+  load_a_operand<D, kTileQ>(smem + L::rows(kQ), warp * 16, qf);
   wgmma_fence();
   issue_s_dp(0);
   wgmma_wait<0>();

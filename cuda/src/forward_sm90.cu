@@ -5,7 +5,7 @@
 // warpgroup that copies the tiles (its registers given to the consumers by setmaxnreg). Per
 // block of kBn listed keys (64 or 128, Plan below; paper notation Q_i, K_j, V_j, m, l), in the
 // consumers:
-//   S   = Q K_j^T      wgmma m64n{kBn}k16, Q and K_j read from shared memory by descriptor
+//   S   = Q K_j^T      wgmma m64n{kBn}k16, Q from registers (loaded once), K_j from shared memory
 //   S2  = log2(e) * (scale * S + delta_j), -inf where not kept      (registers, as forward.cu)
 //   m'  = max(m, rowmax S2);  P = 2^(S2 - m');  l = 2^(m-m') l + rowsum P
 //   O   = 2^(m-m') O + P V_j   wgmma m64nDk16, P from registers, V_j from shared memory
@@ -19,8 +19,10 @@
 //
 // What it saves over forward.cu: mma.sync needs every K/V fragment in registers of each of the
 // 8 warps (ldmatrix: 8 shared-memory reads of each tile per block); a wgmma of a warpgroup
-// reads its B operand once for 64 rows, Q is not held in registers, and the copies are issued
-// by warps that do nothing else. The rungs and their figures are in cuda/dev/dma_fwd_lab.cu.
+// reads its B operand once for 64 rows, and the copies are issued by warps that do nothing else.
+// Q is copied to shared memory with the first block and then held in registers: a 64 x 64
+// product with both operands in shared memory would take all of its bandwidth. The rungs and
+// their figures are in cuda/dev/dma_fwd_lab.cu.
 #include "gather_sm90.cuh"
 #include "kernels.hpp"
 
@@ -216,18 +218,6 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
       pf[kk][3] = Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-  // Q, once it has landed (with tile 0), into the A layout of m64k16 (the layout pack_p makes
-  // of P): slice kk, register x holds row g + 8 (x % 2), columns 16 kk + 8 (x / 2) + 2 t4, + 1.
-  auto load_q = [&] {
-    const unsigned char* q_rows = smem + L::rows(0);
-    #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int r = warp * 16 + g + (x % 2) * 8, col = kk * 16 + (x / 2) * 8 + t4 * 2;
-        qf[kk][x] = *reinterpret_cast<const uint32_t*>(q_rows + swizzled_offset<kTileQ>(r, col / 8) + (col % 8) * 2);
-      }
-  };
   // S = Q K_c^T, asynchronous. Q comes from registers: only K_c is read from shared memory, whose
   // bandwidth a product of 64 x 64 with both operands there would use whole.
   auto issue_s = [&](int c) {
@@ -257,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   auto my_turn = [&] { named_barrier_sync(2 + wg, 256); };
   auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), 256); };
   if (wg == 1) your_turn();
-  wait_for_tile(0);
-  load_q();
+  wait_for_tile(0);  // (Q landed with tile 0)
+  load_a_operand<D, kTileQ>(smem + L::rows(0), warp * 16, qf);
   my_turn();
   wgmma_fence();
   issue_s(0);

@@ -24,6 +24,22 @@ __device__ __forceinline__ uint32_t swizzled_offset(int r, int chunk) {  // byte
   return (chunk / 8) * (kRows * 128) + r * 128 + (((chunk % 8) ^ (r % 8)) * 16);
 }
 
+// Rows row0 .. row0+15 of such a tile (kRows rows of D columns) into the register A operand of
+// a warp in wgmma m64k16, one k16 slice per 16 columns: in slice kk, register x holds row
+// row0 + g + 8 (x % 2), columns 16 kk + 8 (x / 2) + 2 t + 0..1 (g = lane / 4, t = lane % 4; the
+// layout of the accumulators rounded in pairs, below). Read once, held for many products.
+template <int D, int kRows>
+__device__ __forceinline__ void load_a_operand(const unsigned char* tile, int row0, uint32_t (&a)[D / 16][4]) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    #pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = row0 + g + (x % 2) * 8, col = kk * 16 + (x / 2) * 8 + 2 * t;
+      a[kk][x] = *reinterpret_cast<const uint32_t*>(tile + swizzled_offset<kRows>(r, col / 8) + (col % 8) * 2);
+    }
+}
+
 // A shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
 // units of 16 bytes), 128B swizzle (layout type 1 in bits 62-63).
 //   K-major operand (rows of the tile are the M or N index, K runs along the row): SBO = 1024
