@@ -42,10 +42,11 @@ static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <
 // 128 keys (dense 1.52 ms against 1.89 with 64); at D = 128, 128-key blocks leave room for two
 // buffers only (3.25 ms against 2.62, with the hand-over that two buffers need), 96 keys in three
 // buffers gave 3.13, and separate rings of two K and three V buffers of 128 keys 2.96
-// (docs/performance.md §9).
+// (docs/performance.md §9). With Q in registers (§13), 128-key blocks at D = 128 spill (168
+// bytes); a fifth buffer of 64 keys gained 0.5-1% there, six of 128 keys at D = 64 nothing.
 template <int D> struct Plan;
 template <> struct Plan<64> { static constexpr int kBn = 128, kStages = 4; };
-template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 4; };
+template <> struct Plan<128> { static constexpr int kBn = 64, kStages = 5; };
 
 template <int D, int kBn, int kStages>
 using Smem = QueryTileSmem<D, kBn, kStages, 1>;  // Q, then the K, V buffers (gather_sm90.cuh)
