@@ -126,6 +126,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   float s[kBn / 2], dp[kBn / 2];  // S and dP of a block: 64 x kBn per warpgroup
   uint32_t sf[kBn / 16][4];        // dS as the register A operand (k16 slice kk: blocks 2kk, 2kk+1)
   uint32_t qf[D / 16][4];          // this warp's 16 rows of Q as the register A operand of S
+  // dO too at D = 64 (at D = 128, with both held ptxas spills 16 bytes)
+  constexpr bool kDoutInRegisters = D == 64;
+  uint32_t dof[kDoutInRegisters ? D / 16 : 1][4];
   // S = Q K_c^T (Q from registers, so that only K_c is read from shared memory) and
   // dP = dO V_c^T, asynchronous
   auto issue_s_dp = [&](int c) {
@@ -134,7 +137,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     for (int kk = 0; kk < D / 16; ++kk) wgmma_rs_kmajor<T, kBn>(s, qf[kk], block_desc(L::k, buf, kk), kk > 0);
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, kBn>(dp, rows_desc(L::rows(kDout), kk), block_desc(L::v, buf, kk), kk > 0);
+      if constexpr (kDoutInRegisters) wgmma_rs_kmajor<T, kBn>(dp, dof[kk], block_desc(L::v, buf, kk), kk > 0);
+      else wgmma_ss<T, kBn>(dp, rows_desc(L::rows(kDout), kk), block_desc(L::v, buf, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_dq = [&](int c) {  // dQ += dS_c K_c, asynchronous
@@ -196,6 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // serialize them).
   wait_for_block(0);  // (Q and dO landed with block 0)
   load_a_operand<D, kTileQ>(smem + L::rows(kQ), warp * 16, qf);
+  if constexpr (kDoutInRegisters) load_a_operand<D, kTileQ>(smem + L::rows(kDout), warp * 16, dof);
   wgmma_fence();
   issue_s_dp(0);
   wgmma_wait<0>();
