@@ -5,8 +5,8 @@
 // warpgroups of 64 rows (warp w owns rows 16w .. 16w+15) and a producer warpgroup that copies
 // Q_i and dO_i, then gathers the tile's candidate keys kBn at a time (gather_sm90.cuh) into
 // kStages buffers handed over by mbarrier. Per block of keys K_j, V_j (paper notation):
-//   S  = Q K_j^T,  dP = dO V_j^T           wgmma m64n{kBn}k16, Q held in registers, the others
-//                                          in shared memory
+//   S  = Q K_j^T,  dP = dO V_j^T           wgmma m64n{kBn}k16, Q held in registers (dO too at
+//                                          D = 64), the others in shared memory
 //   P  = 2^(log2e (scale S + delta_j) - log2e lse_i), 0 where not kept
 //   dS = P (dP - D_i)                       (registers; D_i = do_i . o_i from dsum_kernel)
 //   dQ += dS K_j                            wgmma m64nDk16, dS from registers, K_j transposed
