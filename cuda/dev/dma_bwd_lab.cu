@@ -36,6 +36,12 @@
 //              its slot blocks are too few for the GPU             2.724, from 3.300)
 //            + no mask arithmetic where a step is kept whole     1.011 ms, 167 TFLOP/s (299b435;
 //                                                                  dense 8.47, w = 2048 2.625)
+//            + descriptors by addition, element masks as query   w = 2048: 2.569 ms, dense 8.58
+//              ranges, the slot sweep by departures (4563100)    (2026-12-02, same command as the
+//                                                                  next row)
+//            + spans last first, Q in dq's registers, 232        w = 2048: 2.548 ms, 253 TFLOP/s,
+//              registers for dk/dv (no spill) (94025f5;          dense 8.55
+//              bench/results/qregs_spans/)
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,

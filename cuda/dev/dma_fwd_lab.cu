@@ -40,6 +40,10 @@
 //              mbarriers, four buffers [6c0d07a] (one producer warp instead: 0.534 / 5.78 ms)
 //            - ping-pong of the consumer warpgroups,        0.309 ms, 219 TFLOP/s; dense 2.62 ms
 //              descriptors by addition [eb23e46]            (420 TFLOP/s)
+//            - the rescale of O skipped where no row        0.290 ms, 233 TFLOP/s; dense 2.44 ms
+//              maximum moved, Q in registers [94025f5;      (451 TFLOP/s; 0.307 and 2.64 ms
+//              bench/results/qregs_spans/]                  before, in the same command)
+//            - a fifth buffer [e49920d]                     (0.5-1% at w = 2048 and dense)
 //            D = 64 takes blocks of 128 keys: dense 1.52 ms (362 TFLOP/s; 1.89 ms with 64).
 // The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
 // tables); v2 runs whatever cuda/src/forward.cu is, v3 whatever cuda/src/forward_sm90.cu is.
