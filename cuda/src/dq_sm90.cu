@@ -11,8 +11,8 @@
 //   dS = P (dP - D_i)                       (registers; D_i = do_i . o_i from dsum_kernel)
 //   dQ += dS K_j                            wgmma m64nDk16, dS from registers, K_j transposed
 // and dq = scale * dQ at the end. dQ of block c-1 runs on the tensor cores while the warpgroup
-// computes dS of block c; the two warpgroups interleave freely. No atomics: dq is written once,
-// in the list's order of summation.
+// computes dS of block c, and the two warpgroups take turns to issue (ping-pong). No atomics:
+// dq is written once, in the list's order of summation.
 #include "gather_sm90.cuh"
 #include "kernels.hpp"
 
@@ -197,12 +197,18 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // The schedule (as forward_sm90.cu's): iteration c issues S_c, dP_c and then dQ += dS_{c-1}
   // K_{c-1}, computes dS_c while the latter runs, and hands block c-1 back once it is done.
   // Block 0 goes alone, so that no wgmma is in flight across the loop's back edge (ptxas would
-  // serialize them).
+  // serialize them). The warpgroups take turns to issue (ping-pong, named barriers 2 + wg, as
+  // in the forward): one computes its dS while the other's products run.
+  auto my_turn = [&] { named_barrier_sync(2 + wg, kConsumers); };
+  auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), kConsumers); };
+  if (wg == 1) your_turn();
   wait_for_block(0);  // (Q and dO landed with block 0)
   load_a_operand<D, kTileQ>(smem + L::rows(kQ), warp * 16, qf);
   if constexpr (kDoutInRegisters) load_a_operand<D, kTileQ>(smem + L::rows(kDout), warp * 16, dof);
+  my_turn();
   wgmma_fence();
   issue_s_dp(0);
+  your_turn();
   wgmma_wait<0>();
   fence_registers(s);
   fence_registers(dp);
@@ -210,9 +216,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   pack_ds();
   for (int c = 1; c < n_tiles; ++c) {
     wait_for_block(c);
+    my_turn();
     wgmma_fence();
     issue_s_dp(c);
     issue_dq(c - 1);
+    your_turn();
     wgmma_wait<1>();  // S_c and dP_c are in (dQ += dS_{c-1} K_{c-1} may still run)
     fence_registers(s);
     fence_registers(dp);
@@ -222,8 +230,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     mbarrier_arrive(empty + (c - 1) % kStages);  // this thread is done with block c-1
     pack_ds();
   }
+  my_turn();
   wgmma_fence();
   issue_dq(n_tiles - 1);
+  if (wg == 0) your_turn();
   wgmma_wait<0>();
   fence_registers(dq_acc);
 
