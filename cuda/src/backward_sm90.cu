@@ -307,14 +307,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     // safe because every wgmma of the last step has completed for the whole warpgroup (this
     // thread's wait<0> returned, and dK's product, issued by every warp only after its own
     // products reading K and V were waited for, is one collective operation).
-    constexpr int kChunks = D / 8;
-    #pragma unroll 4
-    for (int c = tid; c < kSlots * kChunks; c += kConsumers) {
-      const int r = c / kChunks, chunk = c % kChunks, j = rc.key[r];
+    // Thread tid copies chunk tid % kChunks of rows tid / kChunks, + kRowStep, ... (one swizzle
+    // phase, as gather_sm90.cuh's copies).
+    constexpr int kChunks = D / 8, kRowStep = kConsumers / kChunks;
+    static_assert(kRowStep % 8 == 0 && kSlots % kRowStep == 0, "one swizzle phase per thread");
+    const int chunk = tid % kChunks, row0 = tid / kChunks;
+    const uint32_t dst0 = swizzled_offset<64>(row0, chunk);
+    #pragma unroll
+    for (int x = 0; x < kSlots / kRowStep; ++x) {
+      const int r = row0 + x * kRowStep, j = rc.key[r];
       if (prev && prev->key[r] == j) continue;
       const size_t src = (size_t)max(j, 0) * D + chunk * 8;
-      cp_async_16(smem + L::k + swizzled_offset<64>(r, chunk), k_bh + src, j >= 0);
-      cp_async_16(smem + L::v + swizzled_offset<64>(r, chunk), v_bh + src, j >= 0);
+      cp_async_16(smem + L::k + dst0 + x * kRowStep * 128, k_bh + src, j >= 0);
+      cp_async_16(smem + L::v + dst0 + x * kRowStep * 128, v_bh + src, j >= 0);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -405,8 +410,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
         for (int x = 0; x < 4; ++x) {
           const int col = kk * 16 + (x / 2) * 8 + t4 * 2, r = x % 2;  // acc[8kk + 2x], + 1
           const float2 pv = Elem<T>::unpack(pf[kk][x]);
-          const float ds0 = pv.x * (acc[8 * kk + 2 * x] - dsum_t[col]);  // exactly 0 where P is 0
-          const float ds1 = pv.y * (acc[8 * kk + 2 * x + 1] - dsum_t[col + 1]);
+          const float2 dsum = *reinterpret_cast<const float2*>(dsum_t + col);
+          const float ds0 = pv.x * (acc[8 * kk + 2 * x] - dsum.x);  // exactly 0 where P is 0
+          const float ds1 = pv.y * (acc[8 * kk + 2 * x + 1] - dsum.y);
           dd[r] += ds0 + ds1;
           sf[kk][x] = Elem<T>::pack(ds0, ds1);
         }

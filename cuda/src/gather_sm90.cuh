@@ -47,16 +47,30 @@ struct QueryTileSmem {
 };
 
 // Rows i0 .. i0+kRows of a (L, D) matrix (clamped; rows past L zero-filled) into a swizzled
-// tile of kRows rows, by producer thread pt of kProducers.
+// tile of kRows rows, by producer thread pt of kProducers. Thread pt copies chunk pt % kChunks of
+// rows pt / kChunks, + kRowStep, ...: the rows step by a multiple of 8, so the swizzle is the
+// same for all of them and every copy is one address plus a constant on each side (a copy
+// with its own row, chunk and swizzle cost 15 integer instructions, in the dk/dv kernel more
+// than its consumer's whole step).
 template <typename T, int D, int kRows>
 __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __restrict__ src, int i0,
                                              int L, int pt) {
-  constexpr int kChunks = D / 8;
-  #pragma unroll 2  // (the dk/dv producer runs on 24 registers: with 4, ptxas spills there)
-  for (int c = pt; c < kRows * kChunks; c += kProducers) {
-    const int r = c / kChunks, chunk = c % kChunks, i = i0 + r;
-    cp_async_16(dst + swizzled_offset<kRows>(r, chunk), src + (size_t)min(i, L - 1) * D + chunk * 8,
-                i < L);
+  constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
+  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0 && kRows % kRowStep == 0,
+                "one swizzle phase per thread");
+  const int chunk = pt % kChunks, row0 = pt / kChunks;
+  unsigned char* dst0 = dst + swizzled_offset<kRows>(row0, chunk);
+  if (i0 + kRows <= L) {  // (uniform) every row exists
+    const T* src0 = src + (size_t)(i0 + row0) * D + chunk * 8;
+    #pragma unroll
+    for (int x = 0; x < kRows / kRowStep; ++x)
+      cp_async_16(dst0 + x * kRowStep * 128, src0 + x * kRowStep * D, true);
+  } else {
+    #pragma unroll 2  // (the dk/dv producer runs on 24 registers)
+    for (int x = 0; x < kRows / kRowStep; ++x) {
+      const int i = i0 + row0 + x * kRowStep;
+      cp_async_16(dst0 + x * kRowStep * 128, src + (size_t)min(i, L - 1) * D + chunk * 8, i < L);
+    }
   }
 }
 
