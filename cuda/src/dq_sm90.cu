@@ -74,21 +74,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     const int pt = tid - kConsumers;
     produce_rows<T, D, kTileQ>(smem + L::rows(kQ), qb.q, i0, d.Lq, pt);
     produce_rows<T, D, kTileQ>(smem + L::rows(kDout), do_bh, i0, d.Lq, pt);
-    for (int c = 0; c < n_tiles; ++c) {
-      const int st = c % kStages;
-      if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
-      produce_tile<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                              qb.k, qb.v, qb.evict, qb.delta, qb.tv, q_tile, c * kBn, qb.n_alive, pt);
-      cp_async_commit();
-      if (c > 0) {
-        cp_async_wait<1>();
-        fence_proxy_async();
-        mbarrier_arrive(full + (c - 1) % kStages);
-      }
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbarrier_arrive(full + (n_tiles - 1) % kStages);
+    produce_blocks<L, T, D, kBn, kStages>(smem, full, empty, qb, q_tile, n_tiles, pt);
     return;
   }
   set_max_registers<kConsumerRegs, true>();

@@ -86,28 +86,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   __syncthreads();  // the barriers are initialized (the only barrier across the block)
 
   if (warp >= kConsumerWarps) {
-    // The producer: Q, then tile after tile. Tile c waits for its buffer to be handed back
-    // (the consumers finished tile c - kStages); tile c-1 is handed over once its copies landed
-    // (waited here, so that this thread can fence them for the tensor cores before the arrive
-    // releases them).
+    // The producer: Q, then the list's key blocks (gather_sm90.cuh).
     set_max_registers<kProducerRegs, false>();
     const int pt = tid - 32 * kConsumerWarps;
     produce_rows<T, D, kTileQ>(smem + L::rows(0), qb.q, i0, d.Lq, pt);
-    for (int c = 0; c < n_tiles; ++c) {
-      const int st = c % kStages;
-      if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
-      produce_tile<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                         qb.k, qb.v, qb.evict, qb.delta, qb.tv, q_tile, c * kBn, qb.n_alive, pt);
-      cp_async_commit();
-      if (c > 0) {
-        cp_async_wait<1>();  // tile c-1 (and Q) landed
-        fence_proxy_async();
-        mbarrier_arrive(full + (c - 1) % kStages);
-      }
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbarrier_arrive(full + (n_tiles - 1) % kStages);
+    produce_blocks<L, T, D, kBn, kStages>(smem, full, empty, qb, q_tile, n_tiles, pt);
     return;
   }
   set_max_registers<kConsumerRegs, true>();

@@ -74,20 +74,18 @@ __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __rest
   }
 }
 
-// Candidates r0 .. r0+kBn of tile t: their keys, e_j and delta_j * log2(e) into kt, then their
-// rows of k and v into the swizzled K and V tiles (rows past the list zero-filled).
+// One block of kBn candidates, whose keys thread pt < kBn loaded (key j, e_j, delta_j * log2(e);
+// -1, -1, 0 past the list): the keys into kt, then their rows of k and v into the swizzled K and
+// V tiles (rows past the list zero-filled).
 template <typename T, int D, int kBn>
-__device__ __forceinline__ void produce_tile(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
-                                             const T* __restrict__ k_bh, const T* __restrict__ v_bh,
-                                             const int* __restrict__ evict_bh,
-                                             const float* __restrict__ delta_bh, const TableView& tv,
-                                             int t, int r0, int n_alive, int pt) {
+__device__ __forceinline__ void produce_block(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
+                                              const T* __restrict__ k_bh, const T* __restrict__ v_bh,
+                                              int j, int e, float delta2, int pt) {
   static_assert(kBn <= kProducers, "one producer thread per key of a block");
   if (pt < kBn) {
-    const int j = r0 + pt < n_alive ? tv.candidate(t, r0 + pt) : -1;
     kt.key[pt] = j;
-    kt.evict[pt] = j >= 0 ? __ldg(evict_bh + j) : -1;
-    kt.delta2[pt] = j >= 0 ? __ldg(delta_bh + j) * kLog2e : 0.0f;
+    kt.evict[pt] = e;
+    kt.delta2[pt] = delta2;
   }
   named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
   // Thread pt copies chunk pt % kChunks of rows pt / kChunks, + kRowStep, ...: the chunk, and with
@@ -98,11 +96,55 @@ __device__ __forceinline__ void produce_tile(KeyBlock<kBn>& kt, unsigned char* k
   const uint32_t dst0 = swizzled_offset<kBn>(row0, chunk);
   #pragma unroll
   for (int r = row0, i = 0; r < kBn; r += kRowStep, ++i) {
-    const int j = kt.key[r];
-    const size_t src = (size_t)max(j, 0) * D + chunk * 8;
-    cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, j >= 0);
-    cp_async_16(v_dst + dst0 + i * kRowStep * 128, v_bh + src, j >= 0);
+    const int jr = kt.key[r];
+    const size_t src = (size_t)max(jr, 0) * D + chunk * 8;
+    cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, jr >= 0);
+    cp_async_16(v_dst + dst0 + i * kRowStep * 128, v_bh + src, jr >= 0);
   }
+}
+
+// The producer's loop of a block that owns a query tile (forward_sm90.cu, dq_sm90.cu), over the
+// n_blocks key blocks of its list into kStages buffers (L: QueryTileSmem): block c waits for its
+// buffer (the consumers finished block c - kStages); block c-1 is handed over once its copies
+// (and, with block 0, those the caller issued before) have landed, waited here so that this
+// thread can fence them for the tensor cores before the arrive releases them. The keys come
+// ahead of the copies: a key is one load from L2 and its e_j and delta_j a second that depends
+// on it, so while block c is copied the candidate of block c+2 and the e_j, delta_j of block
+// c+1 are in flight (loaded where the block is copied, they made the consumers wait for it).
+template <typename L, typename T, int D, int kBn, int kStages>
+__device__ __forceinline__ void produce_blocks(unsigned char* smem, uint64_t* full, uint64_t* empty,
+                                               const QueryBlock<T, D>& qb, int q_tile, int n_blocks,
+                                               int pt) {
+  KeyBlock<kBn>* kts = reinterpret_cast<KeyBlock<kBn>*>(smem + L::keys);
+  auto candidate = [&](int c) {
+    const int r = c * kBn + pt;
+    return pt < kBn && r < qb.n_alive ? qb.tv.candidate(q_tile, r) : -1;
+  };
+  auto evict_of = [&](int j) { return j >= 0 ? __ldg(qb.evict + j) : -1; };
+  auto delta2_of = [&](int j) { return j >= 0 ? __ldg(qb.delta + j) * kLog2e : 0.0f; };
+  int j1 = candidate(0), j2 = candidate(1);  // the keys of blocks c and c+1
+  int e1 = evict_of(j1);
+  float d1 = delta2_of(j1);
+  for (int c = 0; c < n_blocks; ++c) {
+    const int j = j1, e = e1, st = c % kStages;
+    const float delta2 = d1;
+    j1 = j2;
+    e1 = evict_of(j1);
+    d1 = delta2_of(j1);
+    j2 = candidate(c + 2);
+    if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
+    produce_block<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
+                             qb.k, qb.v, j, e, delta2, pt);
+    cp_async_commit();
+    if (c > 0) {
+      cp_async_wait<1>();  // block c-1 landed
+      fence_proxy_async();
+      mbarrier_arrive(full + (c - 1) % kStages);
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  mbarrier_arrive(full + (n_blocks - 1) % kStages);
 }
 
 }  // namespace dma::cuda::detail::sm90
