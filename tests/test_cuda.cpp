@@ -354,6 +354,10 @@ TEST_SUITE("cuda") {
         {1, 2, 1, 1, 900, 900, 64, 200, true, Form::exp, Precision::bf16, true, true, -1},
         {1, 4, 2, 4, 600, 700, 128, 640},                                  // Hd = Hq, S = Lk
         {1, 2, 2, 2, 1000, 1000, 64, 999, false},                          // non-causal, w = Lk-1
+        // 16 query tiles or more: the Hopper dk/dv sweep splits the tiles into spans, and the
+        // sums of keys living across a span's first tile are carried and added in span order
+        {1, 2, 1, 1, 2304, 2304, 128, 256},                                // 18 tiles: 2 spans
+        {1, 4, 2, 2, 3072, 3072, 64, 512},                                 // 24 tiles: 3 spans
     };
     for (const Case& c : cases) {
       SUBCASE(c.name().c_str()) { check_case(c); }

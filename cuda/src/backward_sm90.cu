@@ -431,16 +431,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// Adds the carried sums to their keys' rows (kernels.hpp): one thread per (b, delta head, slot,
-// column), the spans in order, so that a key carried across several spans is summed in order.
-// A key keeps its slot while it lives (docs/design.md §2.9), so no two threads add to one row.
+// Adds the carried sums to their keys' rows (kernels.hpp): one warp per (b, delta head, slot),
+// its lanes over the columns, the spans in order, so that a key carried across several spans is
+// summed in order. A key keeps its slot while it lives (docs/design.md §2.9), so no two warps add
+// to one row. (With a thread per column, each of the D threads of a slot repeated its lookups.)
 __global__ void sweep_fixup_kernel(Dims d, AttnArgs a) {
   const int spans = sweep_spans(d), span_tiles = sweep_span_tiles(d);
   const int S = tables_implicit(d) ? d.Lk : table_stride(d), slots = sweep_slot_blocks(d) * kSlots;
-  const size_t n = (size_t)d.B * d.Hd * slots * d.D;
-  for (size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x; x < n;
-       x += (size_t)gridDim.x * blockDim.x) {
-    const int col = (int)(x % d.D), s = (int)(x / d.D % slots), bhd = (int)(x / d.D / slots);
+  const int lane = threadIdx.x % 32;
+  const size_t n = (size_t)d.B * d.Hd * slots, warps = (size_t)gridDim.x * blockDim.x / 32;
+  for (size_t x = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; x < n; x += warps) {
+    const int s = (int)(x % slots), bhd = (int)(x / slots);  // (uniform over the warp)
     if (s >= S) continue;
     const TableView tv(d, a.tables, bhd);
     for (int span = 1; span < spans; ++span) {
@@ -448,9 +449,11 @@ __global__ void sweep_fixup_kernel(Dims d, AttnArgs a) {
       const int j = tv.slot(t, s, rule::query_position(d.Lq, d.Lk, d.causal, min((t + 1) * kTileQ, d.Lq) - 1));
       if (j < 0 || !carried_into(d, tv, t, s, j)) continue;
       const SweepOut out(d, a, bhd, span);
-      out.dk[(size_t)j * d.D + col] += out.carry_dk[(size_t)s * d.D + col];
-      out.dv[(size_t)j * d.D + col] += out.carry_dv[(size_t)s * d.D + col];
-      if (col == 0) out.ddelta[j] += out.carry_dd[s];
+      for (int col = lane; col < d.D; col += 32) {
+        out.dk[(size_t)j * d.D + col] += out.carry_dk[(size_t)s * d.D + col];
+        out.dv[(size_t)j * d.D + col] += out.carry_dv[(size_t)s * d.D + col];
+      }
+      if (lane == 0) out.ddelta[j] += out.carry_dd[s];
     }
   }
 }
