@@ -42,6 +42,10 @@
 //            + spans last first, Q in dq's registers, 232        w = 2048: 2.548 ms, 253 TFLOP/s,
 //              registers for dk/dv (no spill) (94025f5;          dense 8.55
 //              bench/results/qregs_spans/)
+//            + the producers' copies at one address each, keys   dma_bench's backward at 16K,
+//              loaded ahead, dq in ping-pong (3e35608, c3e8d77,   D = 128: w = 2048 2.56 -> 2.13
+//              ad8eaa8; bench/results/producer/)                 ms, dense 8.62 -> 7.27 (not
+//                                                                  rerun in this lab)
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,

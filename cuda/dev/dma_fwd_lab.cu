@@ -44,6 +44,9 @@
 //              maximum moved, Q in registers [94025f5;      (451 TFLOP/s; 0.307 and 2.64 ms
 //              bench/results/qregs_spans/]                  before, in the same command)
 //            - a fifth buffer [e49920d]                     (0.5-1% at w = 2048 and dense)
+//            - the keys of the next blocks loaded ahead     dma_bench's forward at 16K/2048,
+//              by the producer [ad8eaa8;                    D = 128: 0.744 -> 0.678 ms (not
+//              bench/results/producer/]                     rerun in this lab)
 //            D = 64 takes blocks of 128 keys: dense 1.52 ms (362 TFLOP/s; 1.89 ms with 64).
 // The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
 // tables); v2 runs whatever cuda/src/forward.cu is, v3 whatever cuda/src/forward_sm90.cu is.
