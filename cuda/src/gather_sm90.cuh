@@ -1,7 +1,9 @@
-// The producer warpgroup's copies in the Hopper kernels (forward_sm90.cu, backward_sm90.cu):
-// rows of a (L, D) matrix and gathered key blocks of the candidate lists (tables.cuh), with
-// 16-byte cp.async into the 128-byte swizzled layout of sm90.cuh that wgmma reads. The caller
-// commits, waits and fences (fence_proxy_async) before handing a buffer to the tensor cores.
+// The producer warpgroup's copies in the Hopper kernels (forward_sm90.cu, dq_sm90.cu,
+// backward_sm90.cu): rows of a (L, D) matrix and gathered key blocks of the candidate lists
+// (tables.cuh), with 16-byte cp.async into the 128-byte swizzled layout of sm90.cuh that wgmma
+// reads; the caller commits, waits and fences (fence_proxy_async) before handing a buffer to the
+// tensor cores. Then the producer loop of the forward and dq (produce_blocks), which does that
+// for the key blocks of a query tile's list.
 #pragma once
 
 #include "tables.cuh"
