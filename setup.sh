@@ -11,7 +11,7 @@ run_main=1
 packages=(build-essential cmake pkg-config git
           libeigen3-dev doctest-dev libcli11-dev nlohmann-json3-dev
           libimgui-dev libglfw3-dev libgl-dev libstb-dev
-          xvfb xauth python3 python3-numpy
+          xvfb xauth python3 python3-numpy python3-matplotlib
           python3-torch python3-pytest python3-setuptools python3-pip
           clang libclang-rt-14-dev)
 missing=()

@@ -5,6 +5,7 @@ inputs give), also on the shipped assets/mqar.
 
     PYTHONPATH=<dma_torch build> python3 -m pytest bench/mqar/test_mqar.py -q
 """
+import importlib.util
 import json
 import os
 import sys
@@ -173,7 +174,11 @@ def test_quick_sweep_writes_results(quick_results):
     with open(os.path.join(quick_results, "summary.md")) as f:
         summary = f.read()
     assert summary.count("| 32 | 16 |") == 3 and "ms / step" in summary
-    assert os.path.getsize(os.path.join(quick_results, "accuracy.png")) > 1000
+    # the plot needs matplotlib; without it the report writes the table and says so
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.getsize(os.path.join(quick_results, "accuracy.png")) > 1000
+    else:
+        assert not os.path.exists(os.path.join(quick_results, "accuracy.png"))
 
 
 def test_a_rerun_skips_finished_runs(quick_results, capsys):
