@@ -78,16 +78,25 @@ __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __rest
 
 // One block of kBn candidates, whose keys thread pt < kBn loaded (key j, e_j, delta_j * log2(e);
 // -1, -1, 0 past the list): the keys into kt, then their rows of k and v into the swizzled K and
-// V tiles (rows past the list zero-filled).
+// V tiles (rows past the list zero-filled). Block c of an implicit list (w >= Lk: candidate r is
+// key r) is rows c * kBn .. of k and v, copied as contiguous rows: no thread reads another's keys,
+// so there is no barrier and no key lookup per copy (in the dense forward the producer spent
+// most of its time there, and the consumers waited for it in 11% of their samples).
 template <typename T, int D, int kBn>
 __device__ __forceinline__ void produce_block(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
                                               const T* __restrict__ k_bh, const T* __restrict__ v_bh,
-                                              int j, int e, float delta2, int pt) {
+                                              int j, int e, float delta2, int pt, int contiguous_from,
+                                              int n_alive) {
   static_assert(kBn <= kProducers, "one producer thread per key of a block");
   if (pt < kBn) {
     kt.key[pt] = j;
     kt.evict[pt] = e;
     kt.delta2[pt] = delta2;
+  }
+  if (contiguous_from >= 0) {  // (uniform) keys contiguous_from .. : rows past n_alive zero-filled
+    produce_rows<T, D, kBn>(k_dst, k_bh, contiguous_from, n_alive, pt);
+    produce_rows<T, D, kBn>(v_dst, v_bh, contiguous_from, n_alive, pt);
+    return;
   }
   named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
   // Thread pt copies chunk pt % kChunks of rows pt / kChunks, + kRowStep, ...: the chunk, and with
@@ -136,7 +145,7 @@ __device__ __forceinline__ void produce_blocks(unsigned char* smem, uint64_t* fu
     j2 = candidate(c + 2);
     if (c >= kStages) mbarrier_wait(empty + st, (c / kStages - 1) & 1);
     produce_block<T, D, kBn>(kts[st], smem + L::k + st * L::tile_bytes, smem + L::v + st * L::tile_bytes,
-                             qb.k, qb.v, j, e, delta2, pt);
+                             qb.k, qb.v, j, e, delta2, pt, qb.tv.implicit() ? c * kBn : -1, qb.n_alive);
     cp_async_commit();
     if (c > 0) {
       cp_async_wait<1>();  // block c-1 landed
