@@ -66,38 +66,51 @@ __device__ int departure_tile(const Dims& d, int T, int t0, int e) {
   return lo;
 }
 
-// Warp 0 only: takes the `count` lowest free slots of the bitmap (clearing their bits) and
-// writes them, in increasing order, to slot_of[0 .. count). Lane l reads and writes only the
-// words l, l + 32, ...
-__device__ void take_free_slots(unsigned* free_bits, int n_words, int count, int* slot_of) {
+// Warp 0 only: ors the slots that become free at this tile (`frees`, cleared; null for none)
+// into the free bitmap, takes the `count` lowest free slots (clearing their bits) and writes
+// them, in increasing order, to slot_of[0 .. count). Lane l reads and writes only the words
+// l, l + 32, ... No other thread touches these words meanwhile: plain loads and stores (from L2
+// when the bitmaps are in global memory, where other threads' atomics wrote `frees`).
+template <bool kShared>
+__device__ __forceinline__ void take_free_slots(unsigned* free_bits, unsigned* frees, int n_words,
+                                                int count, int* slot_of) {
+  auto load = [](const unsigned* p) { return kShared ? *p : __ldcg(p); };
   const int lane = threadIdx.x % 32;
   int taken = 0;
-  for (int w0 = 0; taken < count && w0 < n_words; w0 += 32) {
+  for (int w0 = 0; w0 < n_words && (frees != nullptr || taken < count); w0 += 32) {
     const int word = w0 + lane;
-    unsigned bits = word < n_words ? free_bits[word] : 0u;
-    const int n = __popc(bits);
-    int inclusive = n;  // free slots in words w0 .. word
-    #pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
-      if (lane >= off) inclusive += x;
+    unsigned bits = 0u;
+    if (word < n_words) {
+      bits = load(free_bits + word);
+      if (frees != nullptr) bits |= load(frees + word), frees[word] = 0u;
     }
-    int rank = taken + inclusive - n;  // rank of this word's lowest free slot
     const unsigned before = bits;
-    while (bits != 0u && rank < count) {
-      slot_of[rank++] = word * 32 + __ffs(bits) - 1;
-      bits &= bits - 1u;
+    if (taken < count) {  // (uniform)
+      const int n = __popc(bits);
+      int inclusive = n;  // free slots in words w0 .. word
+      #pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
+        if (lane >= off) inclusive += x;
+      }
+      int rank = taken + inclusive - n;  // rank of this word's lowest free slot
+      while (bits != 0u && rank < count) {
+        slot_of[rank++] = word * 32 + __ffs(bits) - 1;
+        bits &= bits - 1u;
+      }
+      taken += __shfl_sync(0xffffffffu, inclusive, 31);
     }
-    if (word < n_words && bits != before) free_bits[word] = bits;
-    taken += __shfl_sync(0xffffffffu, inclusive, 31);
+    if (word < n_words && (frees != nullptr || bits != before)) free_bits[word] = bits;
   }
 }
 
 // grid (B*Hd), kSweepThreads threads. Writes slot_of_key (B*Hd, Lk): the slot key j takes, -1
 // if it never takes one (every key arrives at some tile: the last one's p_last is Lk - 1). leave_bits
 // (B*Hd, T, bitmap_words(S)), zero on entry: the slots that become free at tile t. The
-// bitmaps (sweep_state_bytes(S) per (b, delta head)) are in dynamic shared memory, or in global
-// scratch when `state` is not null.
+// bitmaps (sweep_state_bytes(S) per (b, delta head)) are in dynamic shared memory (kShared), or
+// in the global scratch `state`. (Two instantiations, so that the compiler knows where the
+// bitmaps are: through a pointer that may be either, every access and atomic is a generic one.)
+template <bool kShared>
 __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T, int S,
                                                                     const int* __restrict__ evict,
                                                                     int* __restrict__ slot_of_key,
@@ -108,7 +121,7 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
   __shared__ int slot_of[kSweepThreads];  // the slot of the r-th arrival of a chunk
   const int bh = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int n_words = bitmap_words(S);
-  unsigned* free_bits = state ? state + (size_t)bh * 3 * n_words : smem_bits;
+  unsigned* free_bits = kShared ? smem_bits : state + (size_t)bh * 3 * n_words;
   auto frees_at = [&](int t) { return free_bits + (1 + t % 2) * n_words; };  // by tile parity
   unsigned* leave_bh = leave_bits + (size_t)bh * T * n_words;
   const int* evict_bh = evict + (size_t)bh * d.Lk;
@@ -137,11 +150,13 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
       if (lane == 0) warp_count[warp] = __popc(ballot);
       __syncthreads();  // warp counts visible; the last chunk's slot_of consumed; the frees of
                         // tile t all in frees_at(t)
+      // This thread's rank among the chunk's arrivals; warp 0 (which hands out the slots, while
+      // the others wait for it) needs only the total.
       int before = __popc(ballot & ((1u << lane) - 1u)), total = 0;
-      #pragma unroll
-      for (int w = 0; w < kSweepWarps; ++w) {
-        before += w < warp ? warp_count[w] : 0;
-        total += warp_count[w];
+      if (warp == 0) {
+        total = __reduce_add_sync(0xffffffffu, lane < kSweepWarps ? warp_count[lane] : 0);
+      } else {
+        for (int w = 0; w < warp; ++w) before += warp_count[w];
       }
       if (first_chunk && t + 1 < T) {
         // Ahead, for tile t+1: the e_j of its first positions, and (warp 1) the slots that
@@ -162,20 +177,16 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
           }
         }
       }
-      if (warp == 0) {
-        if (first_chunk)  // keys that leave at tile t free their slots
-          for (int w = lane; w < n_words; w += 32) free_bits[w] |= atomicExch(frees_at(t) + w, 0u);
-        take_free_slots(free_bits, n_words, total, slot_of);
-      }
+      if (warp == 0)  // (with the first chunk, the keys that leave at tile t free their slots)
+        take_free_slots<kShared>(free_bits, first_chunk ? frees_at(t) : nullptr, n_words, total, slot_of);
       __syncthreads();  // slot_of written
       if (in_tile) {
         const int s = arrives ? slot_of[before] : -1;
         slot_bh[j] = s;
         const int t_leave = arrives ? departure_tile(d, T, t, e) : T;
-        if (t_leave < T) {
-          unsigned* bits = t_leave == t + 1 ? frees_at(t_leave) : leave_bh + (size_t)t_leave * n_words;
-          atomicOr(bits + s / 32, 1u << (s % 32));
-        }
+        // (two branches, so that each atomic knows its memory)
+        if (t_leave == t + 1) atomicOr(frees_at(t_leave) + s / 32, 1u << (s % 32));
+        else if (t_leave < T) atomicOr(leave_bh + (size_t)t_leave * n_words + s / 32, 1u << (s % 32));
       }
       first_chunk = false;
     }
@@ -270,9 +281,12 @@ void launch_candidates(const Dims& d, const int* evict, const Tables& tb, int* s
   const bool shared = sweep_in_shared(d);
   DMA_CUDA_CHECK(cudaMemsetAsync(leave_bits, 0, (x.state - x.leave_bits) * sizeof(int), st));
   DMA_CUDA_CHECK(cudaMemsetAsync(tb.slot_key, 0xff, (size_t)n_bh * T * S * sizeof(int), st));  // -1
-  slot_sweep_kernel<<<n_bh, kSweepThreads, shared ? sweep_state_bytes(S) : 0, st>>>(
-      d, T, S, evict, slot_of_key, leave_bits,
-      shared ? nullptr : reinterpret_cast<unsigned*>(scratch + x.state));
+  if (shared)
+    slot_sweep_kernel<true><<<n_bh, kSweepThreads, sweep_state_bytes(S), st>>>(
+        d, T, S, evict, slot_of_key, leave_bits, nullptr);
+  else
+    slot_sweep_kernel<false><<<n_bh, kSweepThreads, 0, st>>>(
+        d, T, S, evict, slot_of_key, leave_bits, reinterpret_cast<unsigned*>(scratch + x.state));
   DMA_CUDA_CHECK_LAUNCH(slot_sweep_kernel);
   slot_rows_kernel<<<dim3((d.Lk + 255) / 256, n_bh), 256, 0, st>>>(d, T, S, evict, slot_of_key,
                                                                    tb.slot_key);
