@@ -76,41 +76,59 @@ __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __rest
   }
 }
 
-// One block of kBn candidates, whose keys thread pt < kBn loaded (key j, e_j, delta_j * log2(e);
-// -1, -1, 0 past the list): the keys into kt, then their rows of k and v into the swizzled K and
-// V tiles (rows past the list zero-filled). Block c of an implicit list (w >= Lk: candidate r is
-// key r) is rows c * kBn .. of k and v, copied as contiguous rows: no thread reads another's keys,
-// so there is no barrier and no key lookup per copy (in the dense forward the producer spent
-// most of its time there, and the consumers waited for it in 11% of their samples).
+// How the producer threads share a block of kBn keys. Thread pt copies chunk pt % kChunks of
+// rows pt / kChunks, + kRowStep, ...: the chunk, and with it the swizzle (rows step by a multiple
+// of 8), is the same for all of them. The rows a warp copies are kBn / 4 of the block's rows; its
+// lane l < kBn / 4 loads the key of the l-th of them (block_row), and a copy takes its row's key
+// from that lane by a shuffle (key_lane): no thread needs another warp's keys, so there is no
+// barrier between loading the keys and copying their rows.
+template <int D, int kBn>
+struct BlockCopy {
+  static constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
+  static constexpr int kRowsPerWarp = 32 / kChunks;  // consecutive rows pt / kChunks in one warp
+  static constexpr int kKeyLanes = kBn / 4;          // the rows of the block a warp copies
+  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
+  static_assert(32 % kChunks == 0 && kKeyLanes <= 32 && kBn % kRowStep == 0, "a warp's rows");
+  // The block row whose key producer thread pt loads (-1: none).
+  static __device__ __forceinline__ int block_row(int pt) {
+    const int warp = pt / 32, lane = pt % 32;
+    if (lane >= kKeyLanes) return -1;
+    return warp * kRowsPerWarp + lane % kRowsPerWarp + kRowStep * (lane / kRowsPerWarp);
+  }
+  // The lane holding the key of copy i of producer thread pt (row pt / kChunks + i * kRowStep).
+  static __device__ __forceinline__ int key_lane(int pt, int i) { return (pt % 32) / kChunks + kRowsPerWarp * i; }
+};
+
+// One block of kBn candidates, whose keys the producer threads loaded (BlockCopy::block_row:
+// key j, e_j, delta_j * log2(e); -1, -1, 0 past the list): the keys into kt, then their rows of k
+// and v into the swizzled K and V tiles (rows past the list zero-filled). Block c of an implicit
+// list (w >= Lk: candidate r is key r) is rows c * kBn .. of k and v, copied as contiguous rows
+// (produce_rows), with no key per copy at all.
 template <typename T, int D, int kBn>
 __device__ __forceinline__ void produce_block(KeyBlock<kBn>& kt, unsigned char* k_dst, unsigned char* v_dst,
                                               const T* __restrict__ k_bh, const T* __restrict__ v_bh,
                                               int j, int e, float delta2, int pt, int contiguous_from,
                                               int n_alive) {
-  static_assert(kBn <= kProducers, "one producer thread per key of a block");
-  if (pt < kBn) {
-    kt.key[pt] = j;
-    kt.evict[pt] = e;
-    kt.delta2[pt] = delta2;
+  using C = BlockCopy<D, kBn>;
+  const int row = C::block_row(pt);
+  if (row >= 0) {
+    kt.key[row] = j;
+    kt.evict[row] = e;
+    kt.delta2[row] = delta2;
   }
   if (contiguous_from >= 0) {  // (uniform) keys contiguous_from .. : rows past n_alive zero-filled
     produce_rows<T, D, kBn>(k_dst, k_bh, contiguous_from, n_alive, pt);
     produce_rows<T, D, kBn>(v_dst, v_bh, contiguous_from, n_alive, pt);
     return;
   }
-  named_barrier_sync(1, kProducers);  // every producer thread reads the keys of every row
-  // Thread pt copies chunk pt % kChunks of rows pt / kChunks, + kRowStep, ...: the chunk, and with
-  // it the swizzle (rows step by a multiple of 8), is the same for all of them.
-  constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
-  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
-  const int chunk = pt % kChunks, row0 = pt / kChunks;
+  const int chunk = pt % C::kChunks, row0 = pt / C::kChunks;
   const uint32_t dst0 = swizzled_offset<kBn>(row0, chunk);
   #pragma unroll
-  for (int r = row0, i = 0; r < kBn; r += kRowStep, ++i) {
-    const int jr = kt.key[r];
+  for (int i = 0; i < kBn / C::kRowStep; ++i) {
+    const int jr = __shfl_sync(0xffffffffu, j, C::key_lane(pt, i));
     const size_t src = (size_t)max(jr, 0) * D + chunk * 8;
-    cp_async_16(k_dst + dst0 + i * kRowStep * 128, k_bh + src, jr >= 0);
-    cp_async_16(v_dst + dst0 + i * kRowStep * 128, v_bh + src, jr >= 0);
+    cp_async_16(k_dst + dst0 + i * C::kRowStep * 128, k_bh + src, jr >= 0);
+    cp_async_16(v_dst + dst0 + i * C::kRowStep * 128, v_bh + src, jr >= 0);
   }
 }
 
@@ -127,9 +145,10 @@ __device__ __forceinline__ void produce_blocks(unsigned char* smem, uint64_t* fu
                                                const QueryBlock<T, D>& qb, int q_tile, int n_blocks,
                                                int pt) {
   KeyBlock<kBn>* kts = reinterpret_cast<KeyBlock<kBn>*>(smem + L::keys);
+  const int row = BlockCopy<D, kBn>::block_row(pt);  // the row of each block whose key pt loads
   auto candidate = [&](int c) {
-    const int r = c * kBn + pt;
-    return pt < kBn && r < qb.n_alive ? qb.tv.candidate(q_tile, r) : -1;
+    const int r = c * kBn + row;
+    return row >= 0 && r < qb.n_alive ? qb.tv.candidate(q_tile, r) : -1;
   };
   auto evict_of = [&](int j) { return j >= 0 ? __ldg(qb.evict + j) : -1; };
   auto delta2_of = [&](int j) { return j >= 0 ? __ldg(qb.delta + j) * kLog2e : 0.0f; };
