@@ -46,6 +46,9 @@
 //              loaded ahead, dq in ping-pong (3e35608, c3e8d77,   D = 128: w = 2048 2.56 -> 2.13
 //              ad8eaa8; bench/results/producer/)                 ms, dense 8.62 -> 7.27 (not
 //                                                                  rerun in this lab)
+//            + dq's producer as the forward's: implicit lists as  dma_bench: dense 7.29 -> 6.85,
+//              rows, keys by shuffle (c97eaeb, a06a009;           w = 2048 2.10 -> 2.01 ms (not
+//              bench/results/dense_producer/)                      rerun in this lab)
 // ==============================================================================================
 //
 // Layouts (docs/design.md §1): q, do, o, dq (B,Hq,Lq,D); k, v, dk, dv (B,Hkv,Lk,D); delta,

@@ -47,6 +47,10 @@
 //            - the keys of the next blocks loaded ahead     dma_bench's forward at 16K/2048,
 //              by the producer [ad8eaa8;                    D = 128: 0.744 -> 0.678 ms (not
 //              bench/results/producer/]                     rerun in this lab)
+//            - an implicit list's blocks copied as rows;    dma_bench, same shape: dense
+//              each producer warp loads the keys it         2.54 -> 2.18 ms (506 TFLOP/s);
+//              copies, no producer barrier [c97eaeb,        w = 2048 0.676 -> 0.606 ms (not
+//              a06a009; bench/results/dense_producer/]      rerun in this lab)
 //            D = 64 takes blocks of 128 keys: dense 1.52 ms (362 TFLOP/s; 1.89 ms with 64).
 // The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
 // tables); v2 runs whatever cuda/src/forward.cu is, v3 whatever cuda/src/forward_sm90.cu is.
