@@ -344,6 +344,8 @@ TEST_SUITE("cuda") {
         {1, 2, 2, 2, 700, 2100, 64, 300, true, Form::linear},
         // w + Bq > 512: the candidate ring wraps (the configurations the benchmark times)
         {1, 2, 1, 1, 1100, 1100, 128, 1100},                               // dense
+        {1, 2, 1, 1, 900, 900, 64, 900},  // dense at D = 64: the implicit lists' 128-key blocks
+                                          // copied as rows, the last tile's last one partial
         {1, 2, 1, 1, 700, 1400, 64, 600},
         {1, 2, 1, 2, 1000, 1000, 128, 700, true, Form::exp, Precision::fp16},
         {1, 2, 1, 1, 300, 500, 128, 64, false},                            // non-causal, tiles
