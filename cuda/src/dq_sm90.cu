@@ -183,18 +183,17 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // The schedule (as forward_sm90.cu's): iteration c issues S_c, dP_c and then dQ += dS_{c-1}
   // K_{c-1}, computes dS_c while the latter runs, and hands block c-1 back once it is done.
   // Block 0 goes alone, so that no wgmma is in flight across the loop's back edge (ptxas would
-  // serialize them). The warpgroups take turns to issue (ping-pong, named barriers 2 + wg, as
-  // in the forward): one computes its dS while the other's products run.
-  auto my_turn = [&] { named_barrier_sync(2 + wg, kConsumers); };
-  auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), kConsumers); };
-  if (wg == 1) your_turn();
+  // serialize them). The warpgroups take turns to issue (sm90::PingPong, as in the forward): one
+  // computes its dS while the other's products run.
+  static_assert(kConsumers == 256, "two consumer warpgroups");
+  const PingPong turns(wg);
   wait_for_block(0);  // (Q and dO landed with block 0)
   load_a_operand<D, kTileQ>(smem + L::rows(kQ), warp * 16, qf);
   if constexpr (kDoutInRegisters) load_a_operand<D, kTileQ>(smem + L::rows(kDout), warp * 16, dof);
-  my_turn();
+  turns.mine();
   wgmma_fence();
   issue_s_dp(0);
-  your_turn();
+  turns.yours();
   wgmma_wait<0>();
   fence_registers(s);
   fence_registers(dp);
@@ -202,11 +201,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   pack_ds();
   for (int c = 1; c < n_tiles; ++c) {
     wait_for_block(c);
-    my_turn();
+    turns.mine();
     wgmma_fence();
     issue_s_dp(c);
     issue_dq(c - 1);
-    your_turn();
+    turns.yours();
     wgmma_wait<1>();  // S_c and dP_c are in (dQ += dS_{c-1} K_{c-1} may still run)
     fence_registers(s);
     fence_registers(dp);
@@ -216,10 +215,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
     mbarrier_arrive(empty + (c - 1) % kStages);  // this thread is done with block c-1
     pack_ds();
   }
-  my_turn();
+  turns.mine();
   wgmma_fence();
   issue_dq(n_tiles - 1);
-  if (wg == 0) your_turn();
+  turns.last_yours();
   wgmma_wait<0>();
   fence_registers(dq_acc);
 

@@ -223,31 +223,26 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // Tile 0 goes alone (no P V to overlap yet), so that the loop issues its wgmma without
   // branches: accumulators merged from two paths would be copied while a wgmma writes them, and
   // the compiler would then serialize every wgmma.
-  // Ping-pong between the warpgroups (FlashAttention-3): they take turns to issue their
-  // products, so that one computes its softmax while the other's products run. Named barrier
-  // 2 + w is "warpgroup w's turn": w syncs on it (its 128 threads, and the 128 arrivals of the
-  // other), and after issuing signals the other's turn. Warpgroup 1 opens with warpgroup 0's turn
-  // and does not signal after its last issue, so each barrier gets as many arrivals as syncs.
-  auto my_turn = [&] { named_barrier_sync(2 + wg, 256); };
-  auto your_turn = [&] { named_barrier_arrive(2 + (1 - wg), 256); };
-  if (wg == 1) your_turn();
+  // The warpgroups take turns to issue their products (sm90::PingPong), so that one computes its
+  // softmax while the other's products run.
+  const PingPong turns(wg);
   wait_for_tile(0);  // (Q landed with tile 0)
   load_a_operand<D, kTileQ>(smem + L::rows(0), warp * 16, qf);
-  my_turn();
+  turns.mine();
   wgmma_fence();
   issue_s(0);
-  your_turn();
+  turns.yours();
   wgmma_wait<0>();
   fence_registers(s);
   softmax(0);
   pack_p();
   for (int c = 1; c < n_tiles; ++c) {
     wait_for_tile(c);
-    my_turn();
+    turns.mine();
     wgmma_fence();
     issue_s(c);
     issue_pv(c - 1);
-    your_turn();
+    turns.yours();
     wgmma_wait<1>();  // S_c is done (P_{c-1} V_{c-1} may still run)
     fence_registers(s);
     softmax(c);
@@ -257,10 +252,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
     rescale_o();
     pack_p();
   }
-  my_turn();
+  turns.mine();
   wgmma_fence();  // the last tile's P V
   issue_pv(n_tiles - 1);
-  if (wg == 0) your_turn();
+  turns.last_yours();
   wgmma_wait<0>();
   fence_registers(o_acc);
 

@@ -119,6 +119,19 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Ping-pong of two consumer warpgroups (FlashAttention-3), as the forward and dq use it: they
+// take turns to issue their products, so that one computes its elementwise step while the
+// other's products run. Named barrier 2 + w is "warpgroup w's turn": w syncs on it (its 128
+// threads and the 128 arrivals of the other) and, after issuing, signals the other's turn.
+// Warpgroup 1 opens with warpgroup 0's turn (the constructor) and does not signal after its
+// last issue (last_yours), so each barrier gets as many arrivals as syncs.
+struct PingPong {
+  int wg;  // this warpgroup, 0 or 1
+  __device__ explicit PingPong(int warpgroup) : wg(warpgroup) { if (wg == 1) yours(); }
+  __device__ void mine() const { named_barrier_sync(2 + wg, 256); }
+  __device__ void yours() const { named_barrier_arrive(2 + (1 - wg), 256); }
+  __device__ void last_yours() const { if (wg == 0) yours(); }
+};
 
 // ---- wgmma --------------------------------------------------------------------------------
 // Accumulator layout (fp32, m64nN): warp w of the warpgroup holds rows 16w .. 16w+15; for each
