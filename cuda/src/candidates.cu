@@ -6,9 +6,10 @@
 //                      keys (in increasing j) take the lowest free slots. It records only each
 //                      key's slot; a bitmap of the free slots lets one warp hand out the lowest
 //                      ones, and a key that takes a slot marks it in the bitmap of the tile where
-//                      it will leave, so that no tile scans the S slots. Per tile: one bit-or and
-//                      one scan per 32 x 32 slots, the arrivals' work, 2 barriers per chunk of
-//                      512 arriving positions (one chunk per tile when causal).
+//                      it will leave, so that no tile scans the S slots. Per tile: one pass per
+//                      32 x 32 slots that ors in the tile's frees and takes slots, the arrivals'
+//                      work, 2 barriers per chunk of 512 arriving positions (one chunk per tile
+//                      when causal).
 //   slot_rows_kernel   one thread per key, in parallel: writes the key into its slot's column of
 //                      the slot rows of the tiles where it lives (the rest was set to -1).
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
@@ -184,9 +185,10 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
         const int s = arrives ? slot_of[before] : -1;
         slot_bh[j] = s;
         const int t_leave = arrives ? departure_tile(d, T, t, e) : T;
-        // (two branches, so that each atomic knows its memory)
-        if (t_leave == t + 1) atomicOr(frees_at(t_leave) + s / 32, 1u << (s % 32));
-        else if (t_leave < T) atomicOr(leave_bh + (size_t)t_leave * n_words + s / 32, 1u << (s % 32));
+        if (t_leave < T) {  // (two branches, so that each atomic knows its memory)
+          if (t_leave == t + 1) atomicOr(frees_at(t_leave) + s / 32, 1u << (s % 32));
+          else atomicOr(leave_bh + (size_t)t_leave * n_words + s / 32, 1u << (s % 32));
+        }
       }
       first_chunk = false;
     }
