@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_sm90_kernel(Dims d, AttnArgs a
   // Block 0 goes alone, so that no wgmma is in flight across the loop's back edge (ptxas would
   // serialize them). The warpgroups take turns to issue (sm90::PingPong, as in the forward): one
   // computes its dS while the other's products run.
-  static_assert(kConsumers == 256, "two consumer warpgroups");
+  static_assert(kConsumers == PingPong::kThreads, "two consumer warpgroups");
   const PingPong turns(wg);
   wait_for_block(0);  // (Q and dO landed with block 0)
   load_a_operand<D, kTileQ>(smem + L::rows(kQ), warp * 16, qf);

@@ -225,6 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_sm90_kernel(Dims d, AttnA
   // the compiler would then serialize every wgmma.
   // The warpgroups take turns to issue their products (sm90::PingPong), so that one computes its
   // softmax while the other's products run.
+  static_assert(32 * kConsumerWarps == PingPong::kThreads, "two consumer warpgroups");
   const PingPong turns(wg);
   wait_for_tile(0);  // (Q landed with tile 0)
   load_a_operand<D, kTileQ>(smem + L::rows(0), warp * 16, qf);

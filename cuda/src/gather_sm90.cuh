@@ -78,15 +78,15 @@ __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __rest
 
 // How the producer threads share a block of kBn keys. Thread pt copies chunk pt % kChunks of
 // rows pt / kChunks, + kRowStep, ...: the chunk, and with it the swizzle (rows step by a multiple
-// of 8), is the same for all of them. The rows a warp copies are kBn / 4 of the block's rows; its
-// lane l < kBn / 4 loads the key of the l-th of them (block_row), and a copy takes its row's key
-// from that lane by a shuffle (key_lane): no thread needs another warp's keys, so there is no
-// barrier between loading the keys and copying their rows.
+// of 8), is the same for all of them. The rows a warp copies are a quarter of the block's (four
+// producer warps); its lane l < kKeyLanes loads the key of the l-th of them (block_row), and a
+// copy takes its row's key from that lane by a shuffle (key_lane): no thread needs another warp's
+// keys, so there is no barrier between loading the keys and copying their rows.
 template <int D, int kBn>
 struct BlockCopy {
   static constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
   static constexpr int kRowsPerWarp = 32 / kChunks;  // consecutive rows pt / kChunks in one warp
-  static constexpr int kKeyLanes = kBn / 4;          // the rows of the block a warp copies
+  static constexpr int kKeyLanes = kBn / (kProducers / 32);  // the block rows a warp copies
   static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
   static_assert(32 % kChunks == 0 && kKeyLanes <= 32 && kBn % kRowStep == 0, "a warp's rows");
   // The block row whose key producer thread pt loads (-1: none).

@@ -126,10 +126,11 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // Warpgroup 1 opens with warpgroup 0's turn (the constructor) and does not signal after its
 // last issue (last_yours), so each barrier gets as many arrivals as syncs.
 struct PingPong {
-  int wg;  // this warpgroup, 0 or 1
+  static constexpr int kThreads = 256;  // the two warpgroups
+  int wg;                               // this warpgroup, 0 or 1
   __device__ explicit PingPong(int warpgroup) : wg(warpgroup) { if (wg == 1) yours(); }
-  __device__ void mine() const { named_barrier_sync(2 + wg, 256); }
-  __device__ void yours() const { named_barrier_arrive(2 + (1 - wg), 256); }
+  __device__ void mine() const { named_barrier_sync(2 + wg, kThreads); }
+  __device__ void yours() const { named_barrier_arrive(2 + (1 - wg), kThreads); }
   __device__ void last_yours() const { if (wg == 0) yours(); }
 };
 
