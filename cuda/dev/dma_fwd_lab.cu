@@ -49,7 +49,7 @@
 //              bench/results/producer/]                     rerun in this lab)
 //            - an implicit list's blocks copied as rows;    dma_bench, same shape: dense
 //              each producer warp loads the keys it         2.54 -> 2.18 ms (506 TFLOP/s);
-//              copies, no producer barrier [c97eaeb,        w = 2048 0.676 -> 0.606 ms (not
+//              copies, no producer barrier [c97eaeb,        w = 2048 0.675 -> 0.606 ms (not
 //              a06a009; bench/results/dense_producer/]      rerun in this lab)
 //            D = 64 takes blocks of 128 keys: dense 1.52 ms (362 TFLOP/s; 1.89 ms with 64).
 // The scanning form of v2 is in the git history (cuda/src/gather.cuh before the candidate
