@@ -307,19 +307,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     // safe because every wgmma of the last step has completed for the whole warpgroup (this
     // thread's wait<0> returned, and dK's product, issued by every warp only after its own
     // products reading K and V were waited for, is one collective operation).
-    // Thread tid copies chunk tid % kChunks of rows tid / kChunks, + kRowStep, ... (one swizzle
-    // phase, as gather_sm90.cuh's copies).
-    constexpr int kChunks = D / 8, kRowStep = kConsumers / kChunks;
-    static_assert(kRowStep % 8 == 0 && kSlots % kRowStep == 0, "one swizzle phase per thread");
-    const int chunk = tid % kChunks, row0 = tid / kChunks;
-    const uint32_t dst0 = swizzled_offset<64>(row0, chunk);
+    // The copies shared as the producers' are (gather_sm90.cuh's RowPhase: one swizzle phase
+    // per thread).
+    using P = RowPhase<D, kSlots>;
+    static_assert(kConsumers == kProducers, "a warpgroup's copies");
+    const P ph(tid);
     #pragma unroll
-    for (int x = 0; x < kSlots / kRowStep; ++x) {
-      const int r = row0 + x * kRowStep, j = rc.key[r];
+    for (int x = 0; x < P::kCopies; ++x) {
+      const int r = ph.row0 + x * P::kRowStep, j = rc.key[r];
       if (prev && prev->key[r] == j) continue;
-      const size_t src = (size_t)max(j, 0) * D + chunk * 8;
-      cp_async_16(smem + L::k + dst0 + x * kRowStep * 128, k_bh + src, j >= 0);
-      cp_async_16(smem + L::v + dst0 + x * kRowStep * 128, v_bh + src, j >= 0);
+      const size_t src = (size_t)max(j, 0) * D + ph.chunk * 8;
+      cp_async_16(smem + L::k + ph.dst0 + x * P::kStepBytes, k_bh + src, j >= 0);
+      cp_async_16(smem + L::v + ph.dst0 + x * P::kStepBytes, v_bh + src, j >= 0);
     }
     cp_async_commit();
     cp_async_wait<0>();

@@ -48,47 +48,57 @@ struct QueryTileSmem {
   static constexpr uint32_t bytes = bars + 2 * kStages * sizeof(uint64_t) + 1024;  // + alignment slack
 };
 
+// How a warpgroup's 128 threads share the copies of a swizzled tile of kRows rows of D elements
+// (the producers' here, the dk/dv consumer's K/V rows): thread x copies chunk x % kChunks of rows
+// x / kChunks, + kRowStep, ...: the rows step by a multiple of 8, so the swizzle is the same for
+// all of them and every copy is one address plus a constant on each side (a copy with its own
+// row, chunk and swizzle cost 15 integer instructions, in the dk/dv kernel more than its
+// consumer's whole step). Copy i of thread x goes to dst0 + i * kStepBytes.
+template <int D, int kRows>
+struct RowPhase {
+  static constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks, kCopies = kRows / kRowStep;
+  static constexpr uint32_t kStepBytes = kRowStep * 128;
+  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0 && kRows % kRowStep == 0,
+                "one swizzle phase per thread");
+  int chunk, row0;
+  uint32_t dst0;  // bytes into the tile
+  __device__ explicit RowPhase(int x)
+      : chunk(x % kChunks), row0(x / kChunks), dst0(swizzled_offset<kRows>(row0, chunk)) {}
+};
+
 // Rows i0 .. i0+kRows of a (L, D) matrix (clamped; rows past L zero-filled) into a swizzled
-// tile of kRows rows, by producer thread pt of kProducers. Thread pt copies chunk pt % kChunks of
-// rows pt / kChunks, + kRowStep, ...: the rows step by a multiple of 8, so the swizzle is the
-// same for all of them and every copy is one address plus a constant on each side (a copy
-// with its own row, chunk and swizzle cost 15 integer instructions, in the dk/dv kernel more
-// than its consumer's whole step).
+// tile of kRows rows, by producer thread pt of kProducers (RowPhase).
 template <typename T, int D, int kRows>
 __device__ __forceinline__ void produce_rows(unsigned char* dst, const T* __restrict__ src, int i0,
                                              int L, int pt) {
-  constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
-  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0 && kRows % kRowStep == 0,
-                "one swizzle phase per thread");
-  const int chunk = pt % kChunks, row0 = pt / kChunks;
-  unsigned char* dst0 = dst + swizzled_offset<kRows>(row0, chunk);
+  using P = RowPhase<D, kRows>;
+  const P ph(pt);
+  unsigned char* dst0 = dst + ph.dst0;
   if (i0 + kRows <= L) {  // (uniform) every row exists
-    const T* src0 = src + (size_t)(i0 + row0) * D + chunk * 8;
+    const T* src0 = src + (size_t)(i0 + ph.row0) * D + ph.chunk * 8;
     #pragma unroll
-    for (int x = 0; x < kRows / kRowStep; ++x)
-      cp_async_16(dst0 + x * kRowStep * 128, src0 + x * kRowStep * D, true);
+    for (int x = 0; x < P::kCopies; ++x)
+      cp_async_16(dst0 + x * P::kStepBytes, src0 + x * P::kRowStep * D, true);
   } else {
     #pragma unroll 2  // (the dk/dv producer runs on 24 registers)
-    for (int x = 0; x < kRows / kRowStep; ++x) {
-      const int i = i0 + row0 + x * kRowStep;
-      cp_async_16(dst0 + x * kRowStep * 128, src + (size_t)min(i, L - 1) * D + chunk * 8, i < L);
+    for (int x = 0; x < P::kCopies; ++x) {
+      const int i = i0 + ph.row0 + x * P::kRowStep;
+      cp_async_16(dst0 + x * P::kStepBytes, src + (size_t)min(i, L - 1) * D + ph.chunk * 8, i < L);
     }
   }
 }
 
-// How the producer threads share a block of kBn keys. Thread pt copies chunk pt % kChunks of
-// rows pt / kChunks, + kRowStep, ...: the chunk, and with it the swizzle (rows step by a multiple
-// of 8), is the same for all of them. The rows a warp copies are a quarter of the block's (four
-// producer warps); its lane l < kKeyLanes loads the key of the l-th of them (block_row), and a
-// copy takes its row's key from that lane by a shuffle (key_lane): no thread needs another warp's
-// keys, so there is no barrier between loading the keys and copying their rows.
+// How the producer threads share the keys of a block of kBn keys whose rows they copy as
+// RowPhase<D, kBn> does. The rows a warp copies are a quarter of the block's (four producer
+// warps); its lane l < kKeyLanes loads the key of the l-th of them (block_row), and a copy takes
+// its row's key from that lane by a shuffle (key_lane): no thread needs another warp's keys, so
+// there is no barrier between loading the keys and copying their rows.
 template <int D, int kBn>
 struct BlockCopy {
-  static constexpr int kChunks = D / 8, kRowStep = kProducers / kChunks;
+  static constexpr int kChunks = RowPhase<D, kBn>::kChunks, kRowStep = RowPhase<D, kBn>::kRowStep;
   static constexpr int kRowsPerWarp = 32 / kChunks;  // consecutive rows pt / kChunks in one warp
   static constexpr int kKeyLanes = kBn / (kProducers / 32);  // the block rows a warp copies
-  static_assert(kProducers % kChunks == 0 && kRowStep % 8 == 0, "one swizzle phase per thread");
-  static_assert(32 % kChunks == 0 && kKeyLanes <= 32 && kBn % kRowStep == 0, "a warp's rows");
+  static_assert(32 % kChunks == 0 && kKeyLanes <= 32, "a warp's rows");
   // The block row whose key producer thread pt loads (-1: none).
   static __device__ __forceinline__ int block_row(int pt) {
     const int warp = pt / 32, lane = pt % 32;
@@ -121,14 +131,14 @@ __device__ __forceinline__ void produce_block(KeyBlock<kBn>& kt, unsigned char* 
     produce_rows<T, D, kBn>(v_dst, v_bh, contiguous_from, n_alive, pt);
     return;
   }
-  const int chunk = pt % C::kChunks, row0 = pt / C::kChunks;
-  const uint32_t dst0 = swizzled_offset<kBn>(row0, chunk);
+  using P = RowPhase<D, kBn>;
+  const P ph(pt);
   #pragma unroll
-  for (int i = 0; i < kBn / C::kRowStep; ++i) {
+  for (int i = 0; i < P::kCopies; ++i) {
     const int jr = __shfl_sync(0xffffffffu, j, C::key_lane(pt, i));
-    const size_t src = (size_t)max(jr, 0) * D + chunk * 8;
-    cp_async_16(k_dst + dst0 + i * C::kRowStep * 128, k_bh + src, jr >= 0);
-    cp_async_16(v_dst + dst0 + i * C::kRowStep * 128, v_bh + src, jr >= 0);
+    const size_t src = (size_t)max(jr, 0) * D + ph.chunk * 8;
+    cp_async_16(k_dst + ph.dst0 + i * P::kStepBytes, k_bh + src, jr >= 0);
+    cp_async_16(v_dst + ph.dst0 + i * P::kStepBytes, v_bh + src, jr >= 0);
   }
 }
 
