@@ -6,10 +6,11 @@
 //                      keys (in increasing j) take the lowest free slots. It records only each
 //                      key's slot; a bitmap of the free slots lets one warp hand out the lowest
 //                      ones, and a key that takes a slot marks it in the bitmap of the tile where
-//                      it will leave, so that no tile scans the S slots. Per tile: one pass per
-//                      32 x 32 slots that ors in the tile's frees and takes slots, the arrivals'
-//                      work, 2 barriers per chunk of 512 arriving positions (one chunk per tile
-//                      when causal).
+//                      it will leave, so that no tile scans the S slots. Per tile: one pass over
+//                      the bitmap that ors in the tile's frees and takes slots (each lane owns
+//                      consecutive words: one prefix sum ranks them all), then the arrivals'
+//                      work, 2 barriers per chunk of 128 arriving positions (one chunk per tile
+//                      when causal; 4 warps, so that the barriers are cheap).
 //   slot_rows_kernel   one thread per key, in parallel: writes the key into its slot's column of
 //                      the slot rows of the tiles where it lives (the rest was set to -1).
 //   list_kernel        one block per (tile, b, delta head), in parallel: compacts the slot row
@@ -24,7 +25,8 @@
 namespace dma::cuda::detail {
 namespace {
 
-constexpr int kSweepThreads = 512;
+constexpr int kSweepThreads = kTileQ;  // one arriving position per thread: a causal tile's
+                                       // new positions (512 threads: 17% slower at 64K)
 constexpr int kSweepWarps = kSweepThreads / 32;
 constexpr int kListThreads = 256;
 constexpr int kListWarps = kListThreads / 32;
@@ -55,53 +57,61 @@ __device__ int arrival_tile(const Dims& d, int T, int j) {
   }
   return lo;
 }
-// The tile where a key with e_j = e that lives at tile t0 leaves its slot: the first t > t0 whose
-// first query no longer keeps it (p_first > e), or T if none.
-__device__ int departure_tile(const Dims& d, int T, int t0, int e) {
-  int lo = t0 + 1, hi = T;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (tile_positions(d, mid).p_first > e) hi = mid;
-    else lo = mid + 1;
-  }
-  return lo;
+// The tile where key j (e_j = e), living at tile t0, leaves its slot: the first t > t0 whose
+// first query no longer keeps it, or T if none. Every position after tile t0 is >= j, so the
+// queries after it that keep j are a prefix of them (rule::kept_queries), and j leaves with the
+// tile after the one that holds the last of them.
+__device__ int departure_tile(const Dims& d, int T, int t0, int j, int e) {
+  const int i0 = (t0 + 1) * kTileQ;
+  if (i0 >= d.Lq) return T;
+  int first, last;
+  rule::kept_queries(d.Lq, d.Lk, d.causal, j, e, i0, d.Lq, first, last);
+  return first > last ? t0 + 1 : last / kTileQ + 1;
 }
 
 // Warp 0 only: ors the slots that become free at this tile (`frees`, cleared; null for none)
 // into the free bitmap, takes the `count` lowest free slots (clearing their bits) and writes
-// them, in increasing order, to slot_of[0 .. count). Lane l reads and writes only the words
-// l, l + 32, ... No other thread touches these words meanwhile: plain loads and stores (from L2
-// when the bitmaps are in global memory, where other threads' atomics wrote `frees`).
+// them, in increasing order, to slot_of[0 .. count). Lane l owns the consecutive words
+// l * per .. l * per + per - 1, so that one prefix sum over the lanes ranks every free slot (with
+// the words strided over the lanes it took one per 32 words, each waiting for the last). No other
+// thread touches these words meanwhile: plain loads and stores (from L2 when the bitmaps are in
+// global memory, where other threads' atomics wrote `frees`).
 template <bool kShared>
 __device__ __forceinline__ void take_free_slots(unsigned* free_bits, unsigned* frees, int n_words,
                                                 int count, int* slot_of) {
   auto load = [](const unsigned* p) { return kShared ? *p : __ldcg(p); };
-  const int lane = threadIdx.x % 32;
-  int taken = 0;
-  for (int w0 = 0; w0 < n_words && (frees != nullptr || taken < count); w0 += 32) {
-    const int word = w0 + lane;
-    unsigned bits = 0u;
-    if (word < n_words) {
-      bits = load(free_bits + word);
-      if (frees != nullptr) bits |= load(frees + word), frees[word] = 0u;
+  const int lane = threadIdx.x % 32, per = (n_words + 31) / 32;
+  const int w_begin = min(lane * per, n_words), w_end = min(w_begin + per, n_words);
+  int n = 0;  // free slots in this lane's words
+  for (int w = w_begin; w < w_end; ++w) {
+    unsigned bits = load(free_bits + w);
+    if (frees != nullptr) {
+      bits |= load(frees + w);
+      frees[w] = 0u, free_bits[w] = bits;
     }
+    n += __popc(bits);
+  }
+  if (count == 0) return;  // (uniform)
+  int inclusive = n;  // free slots in the words of lanes 0 .. lane
+  #pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += x;
+  }
+  int rank = inclusive - n;  // rank of this lane's lowest free slot
+  for (int w = w_begin; w < w_end && rank < count; ++w) {
+    unsigned bits = load(free_bits + w);  // (as ored in above, by this lane)
     const unsigned before = bits;
-    if (taken < count) {  // (uniform)
-      const int n = __popc(bits);
-      int inclusive = n;  // free slots in words w0 .. word
-      #pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const int x = __shfl_up_sync(0xffffffffu, inclusive, off);
-        if (lane >= off) inclusive += x;
-      }
-      int rank = taken + inclusive - n;  // rank of this word's lowest free slot
-      while (bits != 0u && rank < count) {
-        slot_of[rank++] = word * 32 + __ffs(bits) - 1;
-        bits &= bits - 1u;
-      }
-      taken += __shfl_sync(0xffffffffu, inclusive, 31);
+    if (bits == ~0u && rank + 32 <= count) {  // a whole word (as while the slots fill up):
+      #pragma unroll                          // no chain of bit after bit
+      for (int b = 0; b < 32; ++b) slot_of[rank + b] = w * 32 + b;
+      rank += 32, bits = 0u;
     }
-    if (word < n_words && (frees != nullptr || bits != before)) free_bits[word] = bits;
+    while (bits != 0u && rank < count) {
+      slot_of[rank++] = w * 32 + __ffs(bits) - 1;
+      bits &= bits - 1u;
+    }
+    if (bits != before) free_bits[w] = bits;
   }
 }
 
@@ -184,7 +194,7 @@ __global__ void __launch_bounds__(kSweepThreads) slot_sweep_kernel(Dims d, int T
       if (in_tile) {
         const int s = arrives ? slot_of[before] : -1;
         slot_bh[j] = s;
-        const int t_leave = arrives ? departure_tile(d, T, t, e) : T;
+        const int t_leave = arrives ? departure_tile(d, T, t, j, e) : T;
         if (t_leave < T) {  // (two branches, so that each atomic knows its memory)
           if (t_leave == t + 1) atomicOr(frees_at(t_leave) + s / 32, 1u << (s % 32));
           else atomicOr(leave_bh + (size_t)t_leave * n_words + s / 32, 1u << (s % 32));
@@ -205,7 +215,7 @@ __global__ void slot_rows_kernel(Dims d, int T, int S, const int* __restrict__ e
   const int s = slot_of_key[(size_t)bh * d.Lk + j];
   if (s < 0) return;
   const int t_arrive = arrival_tile(d, T, j);
-  const int t_leave = departure_tile(d, T, t_arrive, evict[(size_t)bh * d.Lk + j]);
+  const int t_leave = departure_tile(d, T, t_arrive, j, evict[(size_t)bh * d.Lk + j]);
   int* out = slot_key + (size_t)bh * T * S + s;
   for (int t = t_arrive; t < t_leave; ++t) out[(size_t)t * S] = j;
 }
