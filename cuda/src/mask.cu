@@ -10,7 +10,8 @@
 //   pass 1  every (delta, index) pair becomes one sortable 64-bit key (larger = ranks higher);
 //           the keys of each chunk of 1024 positions and of each chunk of 128 positions are
 //           sorted (bitonic sort in shared memory).
-//   pass 2  one thread per key j walks the 1024-chunks in order of position, counting the keys
+//   pass 2  one thread per key j (a fine chunk's keys in rank order: a warp's keys walk about
+//           equally far) walks the 1024-chunks in order of position, counting the keys
 //           above its own with a binary search in each sorted chunk (10 steps), until the count
 //           would reach w; inside that chunk it walks the 128-chunks the same way, and inside
 //           that 128-chunk it walks the positions. Cost per key: Lk/1024 * 10 + 8 * 7 + 128
@@ -80,20 +81,24 @@ __device__ __forceinline__ void count_above(const uint64_t* __restrict__ s, int 
   }
 }
 
-// grid (n_small_chunks, B*Hd), 128 threads: one key per thread.
+// grid (n_small_chunks, B*Hd), 128 threads: one key of the fine chunk per thread, in the chunk's
+// sorted order. How far a key walks grows with its rank (the highest walk to the end), and a warp
+// takes as long as its longest walk: with the keys in rank order the highest ranks of a chunk
+// share a warp, and the other warps stop early (in position order, most warps held one of the few
+// long walks).
 __global__ void __launch_bounds__(kSmall) evict_kernel(int Lk, int window,
                                                         const uint64_t* __restrict__ keys,
                                                         const uint64_t* __restrict__ sorted_big,
                                                         const uint64_t* __restrict__ sorted_small,
                                                         int* __restrict__ evict) {
-  const int bh = blockIdx.y, j = blockIdx.x * kSmall + threadIdx.x;
+  const int bh = blockIdx.y;
   const int n_big = (Lk + kBig - 1) / kBig, n_small = (Lk + kSmall - 1) / kSmall;
   const uint64_t* keys_bh = keys + (size_t)bh * Lk;
-  int e = -1;
-  if (j < Lk) {
-    const uint64_t key = keys_bh[j];
+  const uint64_t key = sorted_small[((size_t)bh * n_small + blockIdx.x) * kSmall + threadIdx.x];
+  if (key != 0ull) {  // (0: the padding past Lk, which sorts first)
+    const int j = static_cast<int>(static_cast<uint32_t>(key));  // rank_key's low word
     int need = window;  // keys above j still to meet before j is evicted
-    e = Lk - 1;         // unless we meet w of them
+    int e = Lk - 1;     // unless we meet w of them
     static_assert(kBig / kSmall == kGroup, "one group of fine chunks spans a coarse chunk");
     const uint64_t* big_bh = sorted_big + (size_t)bh * n_big * kBig;
     const uint64_t* small_bh = sorted_small + (size_t)bh * n_small * kSmall;
