@@ -10,9 +10,12 @@
 // dO and their lse and D_i, into one of two buffers handed over by mbarrier (as in
 // forward_sm90.cu).
 // Per record the consumer writes out the keys that leave their slots (dK, dV, ddelta in
-// registers until then) and copies the rows of K and V of the new ones; then per step
+// registers until then) and fetches the rows of K and V of the new ones; then per step
 // (paper notation, rows = the 64 slots' keys j, columns = the step's queries i):
-//   S^T  = K Q^T,  dP^T = V dO^T          wgmma m64n64k16, K, V, Q, dO in shared memory
+//   S^T  = K Q^T,  dP^T = V dO^T          wgmma m64n64k16, Q, dO in shared memory; K, V
+//                                         in shared memory at D = 128, at D = 64 in registers
+//                                         (the A operand: each thread reads its own two slots'
+//                                         rows, so no consumer waits for another's copies)
 //   P^T  = 2^(log2e (scale S^T + delta_j) - log2e lse_i), 0 where not kept
 //   dS^T = P^T (dP^T - D_i),  ddelta_j += sum_i dS^T[j, i]
 //   dV  += P^T dO,  dK += dS^T Q           wgmma m64nDk16, P^T and dS^T from registers
@@ -42,6 +45,11 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 232;
 static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs == 65536 / kBlocksPerSm,
               "registers");
 static_assert(kTileQ % kSubQ == 0, "steps cut the table tiles evenly");
+// K and V as register A operands: 2 x 16 registers a thread at D = 64, which frees the block's
+// barrier among the consumers and 16 KB of shared memory. At D = 128 (2 x 32) ptxas spilled
+// 288 bytes (and 40 with K alone), so there they stay in shared memory.
+template <int D>
+constexpr bool kKvInRegisters = D == 64;
 
 // The keys of the block's slots at one query tile, as the producer hands them over.
 struct SlotRecord {
@@ -92,8 +100,9 @@ __device__ __forceinline__ bool carried_into(const Dims& d, const TableView& tv,
 template <int D>
 struct Smem {  // byte offsets from a 1024-aligned base
   static constexpr uint32_t tile_bytes = 64 * D * 2;  // 64 rows of D elements, swizzled
-  static constexpr uint32_t k = 0, v = k + tile_bytes;  // the slots' K and V rows
-  static constexpr uint32_t q = v + tile_bytes;         // 2 buffers: the step's q rows
+  static constexpr uint32_t kv_bytes = kKvInRegisters<D> ? 0 : tile_bytes;
+  static constexpr uint32_t k = 0, v = k + kv_bytes;  // the slots' K and V rows (D = 128)
+  static constexpr uint32_t q = v + kv_bytes;         // 2 buffers: the step's q rows
   static constexpr uint32_t dout = q + 2 * tile_bytes;  // 2 buffers: its dO rows
   static constexpr uint32_t lse = dout + 2 * tile_bytes;        // 2 x [kSubQ] float
   static constexpr uint32_t dsum = lse + 2 * kSubQ * 4;         // 2 x [kSubQ] float
@@ -254,6 +263,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
   const int slot_l[2] = {warp * 16 + g, warp * 16 + g + 8};
   // (The keys of this thread's slots, their e_j and delta_j are read from the record where they
   // are used: held in registers across the steps, they made ptxas spill.)
+  // At D = 64 the rows of K and V of this thread's two slots, as the A operand of S^T and dP^T
+  // (load_a_operand's layout: slice kk, register 2h + r holds row slot_l[r], columns
+  // 16 kk + 8 h + 2 t4 + 0..1, i.e. 32-bit word 8 kk + 4 h + t4 of the row).
+  constexpr int kKvSlices = kKvInRegisters<D> ? D / 16 : 1;
+  uint32_t kf[kKvSlices][4], vf[kKvSlices][4];
+  // Row j of K and V into the registers of slot row r (zeros for an empty slot, j < 0).
+  auto load_kv_operands = [&](int r, int j) {
+    const uint32_t* k_row = reinterpret_cast<const uint32_t*>(k_bh + (size_t)max(j, 0) * D);
+    const uint32_t* v_row = reinterpret_cast<const uint32_t*>(v_bh + (size_t)max(j, 0) * D);
+    #pragma unroll
+    for (int kk = 0; kk < kKvSlices; ++kk)
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        kf[kk][2 * h + r] = j >= 0 ? __ldg(k_row + 8 * kk + 4 * h + t4) : 0u;
+        vf[kk][2 * h + r] = j >= 0 ? __ldg(v_row + 8 * kk + 4 * h + t4) : 0u;
+      }
+  };
 
   // Writes the gradients of this thread's keys that leave their slots (the keys of record prev,
   // where next differs), or their carried sums, and clears their accumulators (by selects, so
@@ -293,22 +319,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     }
   };
 
-  for (int n_rec = 0, n_step = 0;; ++n_rec) {
-    mbarrier_wait(rec_full + n_rec % 2, (n_rec / 2) & 1);
-    const SlotRecord& rc = records[n_rec % 2];
-    const int t = rc.t;
-    const int next[2] = {t >= 0 ? rc.key[slot_l[0]] : -1, t >= 0 ? rc.key[slot_l[1]] : -1};
-    const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
-    flush(prev, next);
-    if (t < 0) break;
-
-    // The K, V rows of the slots whose key changed since the last record (all of them at the
-    // first; empty slots get zero rows). A thread overwrites rows other warps' products read:
-    // safe because every wgmma of the last step has completed for the whole warpgroup (this
-    // thread's wait<0> returned, and dK's product, issued by every warp only after its own
-    // products reading K and V were waited for, is one collective operation).
-    // The copies shared as the producers' are (gather_sm90.cuh's RowPhase: one swizzle phase
-    // per thread).
+  // At D = 128: the K, V rows of the slots whose key changed since record prev (all of them at
+  // the first; empty slots get zero rows) into their shared tiles. A thread overwrites rows
+  // other warps' products read: safe because every wgmma of the last step has completed for
+  // the whole warpgroup (this thread's wait<0> returned, and dK's product, issued by every warp
+  // only after its own products reading K and V were waited for, is one collective operation).
+  // The copies shared as the producers' are (gather_sm90.cuh's RowPhase: one swizzle phase per
+  // thread).
+  auto copy_kv_rows = [&](const SlotRecord& rc, const SlotRecord* prev) {
     using P = RowPhase<D, kSlots>;
     static_assert(kConsumers == kProducers, "a warpgroup's copies");
     const P ph(tid);
@@ -324,7 +342,29 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     cp_async_wait<0>();
     fence_proxy_async();
     named_barrier_sync(2, kConsumers);  // the rows are in, and every thread has read prev
-    if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);
+  };
+
+  for (int n_rec = 0, n_step = 0;; ++n_rec) {
+    mbarrier_wait(rec_full + n_rec % 2, (n_rec / 2) & 1);
+    const SlotRecord& rc = records[n_rec % 2];
+    const int t = rc.t;
+    const int next[2] = {t >= 0 ? rc.key[slot_l[0]] : -1, t >= 0 ? rc.key[slot_l[1]] : -1};
+    const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
+    if constexpr (kKvInRegisters<D>) {
+      // The new keys' rows, issued before flush's stores so that their latency overlaps them;
+      // the registers are this thread's own, so no other consumer is waited for.
+      #pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (t >= 0 && !(prev && prev->key[slot_l[r]] == next[r])) load_kv_operands(r, next[r]);
+      flush(prev, next);
+      if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);  // this thread has read prev
+      if (t < 0) break;
+    } else {
+      flush(prev, next);
+      if (t < 0) break;
+      copy_kv_rows(rc, prev);
+      if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);
+    }
 
     for_each_step(d, t, heads, [&](int, int i0, int p_lo, int p_hi) {
       if (!step_active(rc.lo_key, rc.hi_evict, p_lo, p_hi)) return;
@@ -340,7 +380,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
       uint32_t pf[kSubQ / 16][4], sf[kSubQ / 16][4];  // P^T, dS^T as register A operands
       wgmma_fence();
       #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, kSubQ>(acc, kmajor(L::k, kk), kmajor(q_tile, kk), kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        if constexpr (kKvInRegisters<D>) wgmma_rs_kmajor<T, kSubQ>(acc, kf[kk], kmajor(q_tile, kk), kk > 0);
+        else wgmma_ss<T, kSubQ>(acc, kmajor(L::k, kk), kmajor(q_tile, kk), kk > 0);
+      }
       wgmma_commit();
       wgmma_wait<0>();
       fence_registers(acc);
@@ -395,7 +438,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
 
       wgmma_fence();
       #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, kSubQ>(acc, kmajor(L::v, kk), kmajor(do_tile, kk), kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        if constexpr (kKvInRegisters<D>) wgmma_rs_kmajor<T, kSubQ>(acc, vf[kk], kmajor(do_tile, kk), kk > 0);
+        else wgmma_ss<T, kSubQ>(acc, kmajor(L::v, kk), kmajor(do_tile, kk), kk > 0);
+      }
       wgmma_commit();
       #pragma unroll
       for (int kk = 0; kk < kSubQ / 16; ++kk) wgmma_rs<T, D>(dv_acc, pf[kk], mnmajor(do_tile, kk));
