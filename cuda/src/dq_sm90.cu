@@ -23,9 +23,11 @@ using namespace sm90;
 
 constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
 constexpr int kConsumers = 32 * kConsumerWarps, kThreads = kConsumers + kProducers;
-// Registers per thread after setmaxnreg: 65536 in all, 168 each at launch.
+// Registers per thread after setmaxnreg: the block's 168 per thread at launch (65536 / kThreads,
+// rounded down to a multiple of 8) shared out anew; setmaxnreg waits forever for more.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= 65536, "registers");
+static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+              "registers");
 
 // kBn keys per block and kStages buffers of K and V: K_{c-1} read by dQ, block c, and blocks
 // c+1 .. being copied. S and dP hold 2 x kBn/2 accumulators per thread beside dQ's D/2: with

@@ -33,9 +33,11 @@ using namespace sm90;
 
 constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
 constexpr int kThreads = 32 * kConsumerWarps + kProducers;
-// Registers per thread after setmaxnreg: 65536 in all, 168 each at launch.
+// Registers per thread after setmaxnreg: the block's 168 per thread at launch (65536 / kThreads,
+// rounded down to a multiple of 8) shared out anew; setmaxnreg waits forever for more.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= 65536, "registers");
+static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+              "registers");
 
 // kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks
 // c+1 .. being copied. Measured on the H200 (cuda/dev/dma_fwd_lab, 16K): D = 64 runs blocks of
