@@ -350,21 +350,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     const int t = rc.t;
     const int next[2] = {t >= 0 ? rc.key[slot_l[0]] : -1, t >= 0 ? rc.key[slot_l[1]] : -1};
     const SlotRecord* prev = n_rec > 0 ? &records[(n_rec - 1) % 2] : nullptr;
+    // The new keys' rows: at D = 64 into this thread's registers, issued before flush's stores
+    // so that their latency overlaps them (no other consumer is waited for); at D = 128 into
+    // the shared tiles once flush has stored the departing keys' gradients.
     if constexpr (kKvInRegisters<D>) {
-      // The new keys' rows, issued before flush's stores so that their latency overlaps them;
-      // the registers are this thread's own, so no other consumer is waited for.
       #pragma unroll
       for (int r = 0; r < 2; ++r)
         if (t >= 0 && !(prev && prev->key[slot_l[r]] == next[r])) load_kv_operands(r, next[r]);
-      flush(prev, next);
-      if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);  // this thread has read prev
-      if (t < 0) break;
-    } else {
-      flush(prev, next);
+    }
+    flush(prev, next);
+    if constexpr (!kKvInRegisters<D>) {
       if (t < 0) break;
       copy_kv_rows(rc, prev);
-      if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);
     }
+    if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);  // this thread has read prev
+    if (t < 0) break;
 
     for_each_step(d, t, heads, [&](int, int i0, int p_lo, int p_hi) {
       if (!step_active(rc.lo_key, rc.hi_evict, p_lo, p_hi)) return;
