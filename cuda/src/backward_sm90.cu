@@ -42,7 +42,8 @@ constexpr int kBlocksPerSm = 2;
 // (With 224 for the consumer ptxas spilled 8 bytes at D = 128; 232 holds it all, and the
 // producer's copies fit in 24.)
 constexpr int kProducerRegs = 24, kConsumerRegs = 232;
-static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs == 65536 / kBlocksPerSm,
+static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs ==
+                  launch_registers(kThreads, kBlocksPerSm),
               "registers");
 static_assert(kTileQ % kSubQ == 0, "steps cut the table tiles evenly");
 // K and V as register A operands: 2 x 16 registers a thread at D = 64, which frees the block's
@@ -360,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dkdv_sm90_kernel(Dims 
     }
     flush(prev, next);
     if constexpr (!kKvInRegisters<D>) {
-      if (t < 0) break;
+      if (t < 0) break;  // (the end record has no rows to copy)
       copy_kv_rows(rc, prev);
     }
     if (prev) mbarrier_arrive(rec_empty + (n_rec - 1) % 2);  // this thread has read prev

@@ -23,10 +23,9 @@ using namespace sm90;
 
 constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
 constexpr int kConsumers = 32 * kConsumerWarps, kThreads = kConsumers + kProducers;
-// Registers per thread after setmaxnreg: the block's 168 per thread at launch (65536 / kThreads,
-// rounded down to a multiple of 8) shared out anew; setmaxnreg waits forever for more.
+// Registers per thread after setmaxnreg: the block's 168 per thread at launch, shared out anew.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= launch_registers(kThreads, 1),
               "registers");
 
 // kBn keys per block and kStages buffers of K and V: K_{c-1} read by dQ, block c, and blocks

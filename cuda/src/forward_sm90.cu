@@ -33,10 +33,10 @@ using namespace sm90;
 
 constexpr int kConsumerWarps = kTileQ / 16;  // 8: two warpgroups of 64 rows
 constexpr int kThreads = 32 * kConsumerWarps + kProducers;
-// Registers per thread after setmaxnreg: the block's 168 per thread at launch (65536 / kThreads,
-// rounded down to a multiple of 8) shared out anew; setmaxnreg waits forever for more.
+// Registers per thread after setmaxnreg: the block's 168 per thread at launch, shared out anew.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+static_assert(kProducers * kProducerRegs + 32 * kConsumerWarps * kConsumerRegs <=
+                  launch_registers(kThreads, 1),
               "registers");
 
 // kBn keys per block, kStages buffers of K and V: V_{c-1} read by P V, block c, and blocks

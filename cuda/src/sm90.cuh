@@ -111,6 +111,12 @@ __device__ __forceinline__ void set_max_registers() {
   if constexpr (kIncrease) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
   else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// The registers a block of `threads` threads is launched with under __launch_bounds__(threads,
+// blocks_per_sm): the register file's share per thread, rounded down to a multiple of 8, for
+// each thread. setmaxnreg only shares these out anew: a split asking for more waits forever.
+constexpr int launch_registers(int threads, int blocks_per_sm) {
+  return threads * (65536 / blocks_per_sm / threads / 8 * 8);
+}
 // A barrier among `threads` threads (whole warps) only: id 0 is __syncthreads'.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
